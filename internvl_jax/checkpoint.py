@@ -1,0 +1,259 @@
+"""Read and write released checkpoint folders: `from_pretrained` and `save_pretrained`.
+
+Two layouts (REFERENCE.md §7): 'original' (InternVL GitHub / remote code: `vision_model.*`, `mlp1.*`,
+`language_model.*`, config with `vision_config` + `llm_config`) and 'hf' (transformers-native
+InternVLForConditionalGeneration: `vision_tower.*` / `model.vision_tower.*`, ..., config with
+`vision_config` + `text_config`). Loading streams one tensor at a time from memory-mapped safetensors
+and places it straight into its target sharding, so host memory holds one tensor, not the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from internvl_jax import safetensors_io, sharding
+from internvl_jax.checkpoint_keys import canonical_hf_key, skipped_vision_layers, specs
+from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.internvl import InternVL
+
+DEFAULT_IMAGE_TOKEN_ID = 151671  # <IMG_CONTEXT> of the Qwen3-based releases (REFERENCE.md §2.6)
+_ARCH = {"Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "GptOssForCausalLM": "gpt_oss"}
+
+
+# ----------------------------------------------------------------------------------------- config
+
+def _pair(x):
+  return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def text_config_from_dict(c: dict, arch: str, where: str) -> TextConfig:
+  if arch not in ("qwen3", "qwen3_moe", "gpt_oss"):
+    raise NotImplementedError(f"{where}: decoder {arch!r} is not supported (Qwen3, Qwen3-MoE, GPT-OSS)")
+  if c.get("decoder_sparse_step", 1) != 1 or c.get("mlp_only_layers"):
+    raise NotImplementedError(f"{where}: decoder_sparse_step / mlp_only_layers (dense layers inside an MoE) unsupported")
+  if c.get("use_sliding_window") and arch != "gpt_oss":
+    raise NotImplementedError(f"{where}: use_sliding_window=true is not supported for {arch}")
+  rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+  if rope.get("rope_type", rope.get("type", "default")) not in ("default", None) and arch != "gpt_oss":
+    raise NotImplementedError(f"{where}: rope type {rope.get('rope_type')!r} is not supported")
+  heads = c["num_attention_heads"]
+  return TextConfig(
+      arch=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=c.get("num_key_value_heads", heads),
+      head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate_size=c.get("intermediate_size", 0),
+      rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 1e6))),
+      attention_bias=c.get("attention_bias", False), num_experts=c.get("num_experts", c.get("num_local_experts", 0)) or 0,
+      num_experts_per_tok=c.get("num_experts_per_tok", 0) or 0,
+      moe_intermediate_size=c.get("moe_intermediate_size", c.get("intermediate_size", 0) if arch == "gpt_oss" else 0) or 0,
+      norm_topk_prob=c.get("norm_topk_prob", arch != "gpt_oss"), router_aux_loss_coef=c.get("router_aux_loss_coef", 0.001),
+      sliding_window=c.get("sliding_window") or 0, tie_word_embeddings=c.get("tie_word_embeddings", False))
+
+
+def _image_token_from_tokenizer(folder: str) -> int | None:
+  tc = os.path.join(folder, "tokenizer_config.json")
+  if os.path.exists(tc):
+    with open(tc) as f:
+      for i, tok in json.load(f).get("added_tokens_decoder", {}).items():
+        if tok.get("content") == "<IMG_CONTEXT>":
+          return int(i)
+  tj = os.path.join(folder, "tokenizer.json")
+  if os.path.exists(tj):
+    with open(tj) as f:
+      for tok in json.load(f).get("added_tokens", []):
+        if tok.get("content") == "<IMG_CONTEXT>":
+          return int(tok["id"])
+  return None
+
+
+def config_from_dict(c: dict, folder: str = "<config>") -> tuple[InternVLConfig, str]:
+  """InternVLConfig and layout ('original' or 'hf') from a released config.json."""
+  where = os.path.join(folder, "config.json")
+  if "llm_config" in c:
+    layout, v, llm = "original", c["vision_config"], c["llm_config"]
+    if c.get("ps_version", "v2") != "v2":
+      raise NotImplementedError(f"{where}: ps_version={c['ps_version']!r}; only 'v2' pixel shuffle is supported")
+    arch = _ARCH.get((llm.get("architectures") or [""])[0])
+    if arch is None:
+      raise NotImplementedError(f"{where}: llm_config.architectures={llm.get('architectures')} is not supported")
+    vision = VisionConfig(
+        hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+        intermediate_size=v["intermediate_size"], image_size=c.get("force_image_size") or _pair(v["image_size"]),
+        patch_size=_pair(v["patch_size"]), norm_type=v.get("norm_type", "rms_norm"),
+        norm_eps=v.get("layer_norm_eps", 1e-6), qk_norm=v.get("qk_normalization", False),
+        qkv_bias=v.get("qkv_bias", True), layer_scale_init=v.get("initializer_factor", 1.0),
+        drop_path_rate=v.get("drop_path_rate", 0.0), select_layer=c.get("select_layer", -1))
+    text = text_config_from_dict(llm, arch, where + ":llm_config")
+    token = c.get("img_context_token_id") or _image_token_from_tokenizer(folder) or DEFAULT_IMAGE_TOKEN_ID
+  elif "text_config" in c:
+    layout, v, tc = "hf", c["vision_config"], c["text_config"]
+    if c.get("vision_feature_select_strategy", "default") != "default":
+      raise NotImplementedError(f"{where}: vision_feature_select_strategy must be 'default'")
+    if not isinstance(c.get("vision_feature_layer", -1), int):
+      raise NotImplementedError(f"{where}: a list vision_feature_layer is not supported")
+    vision = VisionConfig(
+        hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
+        intermediate_size=v["intermediate_size"], image_size=_pair(v.get("image_size", 448)),
+        patch_size=_pair(v.get("patch_size", 14)), norm_type=v.get("norm_type", "layer_norm"),
+        norm_eps=v.get("layer_norm_eps", 1e-6), qk_norm=v.get("use_qk_norm", False),
+        qkv_bias=v.get("attention_bias", False), layer_scale_init=v.get("layer_scale_init_value", 0.1),
+        drop_path_rate=v.get("drop_path_rate", 0.0), select_layer=c.get("vision_feature_layer", -1))
+    text = text_config_from_dict(tc, tc.get("model_type", "qwen3"), where + ":text_config")
+    # transformers ties lm_head by the top-level flag (InternVLConfig default: True).
+    text = text.__class__(**{**text.__dict__, "tie_word_embeddings": c.get("tie_word_embeddings", True)})
+    token = c.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)
+  else:
+    raise ValueError(f"{where}: neither 'llm_config' (original layout) nor 'text_config' (transformers layout)")
+  return InternVLConfig(vision=vision, text=text, downsample_ratio=c.get("downsample_ratio", 0.5),
+                        image_token_id=int(token)), layout
+
+
+def _text_dict(t: TextConfig) -> dict:
+  d = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+           num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+           intermediate_size=t.intermediate_size, rms_norm_eps=t.rms_norm_eps, hidden_act="silu",
+           rope_theta=t.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+           attention_bias=t.attention_bias, tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=40960)
+  if t.is_moe:
+    d.update(num_experts=t.num_experts, num_experts_per_tok=t.num_experts_per_tok,
+             moe_intermediate_size=t.moe_intermediate_size, norm_topk_prob=t.norm_topk_prob,
+             router_aux_loss_coef=t.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[])
+  return d
+
+
+def config_to_dict(cfg: InternVLConfig, layout: str) -> dict:
+  v, t = cfg.vision, cfg.text
+  if layout == "hf":
+    return dict(
+        architectures=["InternVLForConditionalGeneration"], model_type="internvl", image_token_id=cfg.image_token_id,
+        image_seq_length=cfg.tokens_per_tile, downsample_ratio=cfg.downsample_ratio, projector_hidden_act="gelu",
+        vision_feature_layer=v.select_layer, vision_feature_select_strategy="default",
+        tie_word_embeddings=t.tie_word_embeddings,
+        vision_config=dict(model_type="internvl_vision", hidden_size=v.hidden_size, num_hidden_layers=v.num_layers,
+                           num_attention_heads=v.num_heads, intermediate_size=v.intermediate_size,
+                           image_size=[v.image_size] * 2, patch_size=[v.patch_size] * 2, norm_type=v.norm_type,
+                           layer_norm_eps=v.norm_eps, use_qk_norm=v.qk_norm, attention_bias=v.qkv_bias,
+                           layer_scale_init_value=v.layer_scale_init, hidden_act="gelu", use_mean_pooling=True,
+                           use_absolute_position_embeddings=True, drop_path_rate=v.drop_path_rate),
+        text_config=dict(model_type=t.arch, **_text_dict(t)))
+  return dict(
+      architectures=["InternVLChatModel"], model_type="internvl_chat", downsample_ratio=cfg.downsample_ratio,
+      force_image_size=v.image_size, select_layer=v.select_layer, ps_version="v2", template="internvl2_5",
+      dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
+      img_context_token_id=cfg.image_token_id, tie_word_embeddings=t.tie_word_embeddings,
+      vision_config=dict(architectures=["InternVisionModel"], model_type="intern_vit_6b", hidden_size=v.hidden_size,
+                         num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
+                         intermediate_size=v.intermediate_size, image_size=v.image_size, patch_size=v.patch_size,
+                         norm_type=v.norm_type, layer_norm_eps=v.norm_eps, qk_normalization=v.qk_norm,
+                         qkv_bias=v.qkv_bias, initializer_factor=v.layer_scale_init,
+                         drop_path_rate=v.drop_path_rate, hidden_act="gelu", use_flash_attn=False),
+      llm_config=dict(architectures=[{v: k for k, v in _ARCH.items()}[t.arch]], model_type=t.arch, **_text_dict(t)))
+
+
+def load_config(path: str) -> tuple[InternVLConfig, str]:
+  where = os.path.join(path, "config.json")
+  if not os.path.exists(where):
+    raise FileNotFoundError(f"{where} not found: a checkpoint folder holds config.json and *.safetensors")
+  with open(where) as f:
+    return config_from_dict(json.load(f), path)
+
+
+# ----------------------------------------------------------------------------------------- load
+
+def _np_dtype(dtype) -> np.dtype:
+  return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype))
+
+
+def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
+                    image_token_id: int | None = None, **config_overrides) -> InternVL:
+  """Load a released checkpoint folder (either layout, detected from config.json).
+
+  dtype: compute dtype (and weight dtype unless `param_dtype` is given). mesh: place each tensor with its
+  sharding from the logical-axis rules. `config_overrides` replace InternVLConfig fields (e.g. remat).
+  Missing, unexpected and mis-shaped tensors are reported together in one error.
+  """
+  cfg, layout = load_config(path)
+  cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype or dtype).name, **config_overrides)
+  if image_token_id is not None:
+    cfg = cfg.replace(image_token_id=image_token_id)
+  table = specs(cfg, layout)
+  ckpt = safetensors_io.Checkpoint(path)
+  canon = {(canonical_hf_key(k) if layout == "hf" else k): k for k in ckpt.keys()}
+  wanted = {k: s for spec in table.values() for k, s in zip(spec.keys, spec.shapes)}
+  skip = skipped_vision_layers(cfg, layout)
+  missing = sorted(set(wanted) - set(canon))
+  unexpected = sorted(k for k in set(canon) - set(wanted)
+                      if not k.startswith(skip or ("\0",))
+                      and not (cfg.text.tie_word_embeddings and k == "language_model.lm_head.weight"))
+  mismatched = [f"{k}: checkpoint {ckpt.shape(canon[k])}, expected {s}" for k, s in sorted(wanted.items())
+                if k in canon and ckpt.shape(canon[k]) != tuple(s)]
+  if missing or unexpected or mismatched:
+    parts = [f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+             for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                  ("shape mismatches", mismatched)) if items]
+    raise ValueError(f"{path} ({layout} layout) does not match the model config:\n  " + "\n  ".join(parts))
+
+  abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abs_state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(abs_state))
+  if set(flat) != set(table):
+    raise AssertionError(f"key table out of sync with the model: {sorted(set(flat) ^ set(table))[:10]}")
+  target = _np_dtype(cfg.param_dtype)
+  for p, var in flat.items():
+    spec = table[p]
+    value = np.asarray(spec.load([ckpt.get(canon[k]) for k in spec.keys]), dtype=target)
+    if value.shape != var.get_value().shape:
+      raise AssertionError(f"{'.'.join(map(str, p))}: converted to {value.shape}, model wants {var.get_value().shape}")
+    if mesh is None:
+      var.set_value(jnp.asarray(value))
+    else:
+      var.set_value(jax.make_array_from_callback(value.shape, sharding.variable_sharding(var, mesh),
+                                                 lambda idx, v=value: v[idx]))
+    del value
+  return nnx.merge(graphdef, abs_state)
+
+
+# ----------------------------------------------------------------------------------------- save
+
+def save_pretrained(model: InternVL, path: str, *, layout: str = "hf", dtype: Any = None,
+                    max_shard_size: int = 5 * 2**30) -> None:
+  """Write config.json and safetensors (sharded with an index above `max_shard_size` bytes).
+
+  layout 'hf' is read by transformers' InternVLForConditionalGeneration; 'original' by the InternVL
+  remote code; both by `from_pretrained`. Tensors are fetched and written one at a time.
+  """
+  cfg = model.cfg
+  table = specs(cfg, layout)
+  os.makedirs(path, exist_ok=True)
+  state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  out_dtype = _np_dtype(dtype or cfg.param_dtype)
+
+  if jax.process_count() > 1:
+    raise NotImplementedError("save_pretrained gathers through one process; multi-host export lands with "
+                              "sharded checkpointing (orbax)")
+
+  def fetch(p):
+    return np.asarray(jax.device_get(state[p].get_value())).astype(out_dtype)
+
+  entries = []
+  for p, spec in table.items():
+    cache = {}
+
+    def make(i, p=p, spec=spec, cache=cache):
+      if "t" not in cache:
+        cache["t"] = spec.save(fetch(p))
+      out = cache["t"][i]
+      if i == len(spec.keys) - 1:
+        cache.clear()
+      return out
+
+    entries += [(k, s, out_dtype, (lambda i=i, make=make: make(i))) for i, (k, s) in enumerate(zip(spec.keys, spec.shapes))]
+  safetensors_io.write(path, entries, max_shard_size)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_to_dict(cfg, layout), f, indent=2)

@@ -1,0 +1,102 @@
+"""Frozen configuration dataclasses: vision encoder, text decoder, whole model.
+
+Field names follow the paper and REFERENCE.md; `internvl_jax.checkpoint` translates from both released
+config.json layouts. Configs are hashable, so they can be static arguments of jitted functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+RematPolicy = Literal["none", "full", "save_dots"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """InternViT. Defaults are InternViT-300M-448px(-V2_5) (REFERENCE.md §1.1)."""
+
+  hidden_size: int = 1024
+  num_layers: int = 24
+  num_heads: int = 16
+  intermediate_size: int = 4096
+  image_size: int = 448
+  patch_size: int = 14
+  norm_type: Literal["layer_norm", "rms_norm"] = "layer_norm"
+  norm_eps: float = 1e-6
+  qk_norm: bool = False  # 6B: RMSNorm over the full width of q and k, before the head split
+  qkv_bias: bool = True
+  layer_scale_init: float = 1.0
+  drop_path_rate: float = 0.0
+  select_layer: int = -1  # -1: last layer; -k: the output of layer num_layers - k + 1
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def grid(self) -> int:
+    """Patches per side of one tile (32 for 448 px / 14 px patches)."""
+    return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Decoder-only LLM. `arch` selects Qwen3 dense, Qwen3-MoE or GPT-OSS (REFERENCE.md §7.3, §9)."""
+
+  arch: Literal["qwen3", "qwen3_moe", "gpt_oss"] = "qwen3"
+  vocab_size: int = 151936
+  hidden_size: int = 1024
+  num_layers: int = 28
+  num_heads: int = 16
+  num_kv_heads: int = 8
+  head_dim: int = 128
+  intermediate_size: int = 3072
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1e6
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  # Mixture of experts (Qwen3-MoE, GPT-OSS); unused when num_experts == 0.
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = True
+  router_aux_loss_coef: float = 0.001
+  # GPT-OSS only (parameter shapes now; its forward pass lands with its own issue).
+  sliding_window: int = 0
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class InternVLConfig:
+  """ViT-MLP-LLM. `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights.
+
+  Norms, softmax and RoPE always run in float32 whatever `dtype` is.
+  """
+
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  downsample_ratio: float = 0.5  # pixel shuffle scale: 0.5 -> 256 tokens per 448 px tile
+  image_token_id: int = 151671  # <IMG_CONTEXT> for the Qwen3 tokenizer (REFERENCE.md §2.6)
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: RematPolicy = "none"
+
+  @property
+  def tokens_per_tile(self) -> int:
+    return int(round(self.vision.grid * self.downsample_ratio)) ** 2
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **kw) -> "InternVLConfig":
+    return dataclasses.replace(self, **kw)

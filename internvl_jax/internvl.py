@@ -1,0 +1,104 @@
+"""InternVL: ViT -> pixel shuffle -> MLP -> merge into the <IMG_CONTEXT> slots -> LLM -> logits.
+
+Call contract:
+  logits = model(input_ids, pixel_values=None, attention_mask=None)
+  input_ids [batch, seq] int; pixel_values float [tiles, H, W, 3] (NHWC, normalised), tiles in the
+  order of their <IMG_CONTEXT> runs across the batch (row-major); attention_mask [batch, seq] (1 = token,
+  0 = padding). Optional: position_ids [batch, seq] (default 0..seq-1; RoPE is relative, so a constant
+  shift from left padding changes nothing), segment_ids [batch, seq] for packed rows (tokens attend only
+  within their segment; 0 = padding; overrides attention_mask), return_aux=True to also get
+  {'moe_aux_loss': ...} for training, rngs (with a 'dropout' stream) to turn on drop path.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from internvl_jax.config import InternVLConfig
+from internvl_jax.intern_vit import InternViT
+from internvl_jax.layers import Keys
+from internvl_jax.projector import MLPProjector, extract_feature
+from internvl_jax.qwen3 import Qwen3Decoder
+
+
+def _raise_count_mismatch(n_tokens, n_features):
+  if int(n_tokens) != int(n_features):
+    raise ValueError(f"<IMG_CONTEXT> count mismatch: input_ids hold {int(n_tokens)} image tokens but "
+                     f"pixel_values give {int(n_features)} features (tiles x tokens per tile)")
+
+
+def check_image_tokens(input_ids, n_features: int, image_token_id: int):
+  """Error unless input_ids hold exactly n_features <IMG_CONTEXT> tokens; also works under jit."""
+  count = jnp.sum(input_ids == image_token_id)
+  if isinstance(count, jax.core.Tracer):
+    jax.debug.callback(_raise_count_mismatch, count, n_features)
+  else:
+    _raise_count_mismatch(count, n_features)
+
+
+def merge_image_features(embeds, input_ids, features, image_token_id: int):
+  """Write features [n, d] into the <IMG_CONTEXT> positions of embeds [b, t, d], in row-major order."""
+  b, t, d = embeds.shape
+  check_image_tokens(input_ids, features.shape[0], image_token_id)
+  mask = (input_ids == image_token_id).reshape(-1)
+  index = jnp.clip(jnp.cumsum(mask) - 1, 0, features.shape[0] - 1)
+  merged = jnp.where(mask[:, None], features.astype(embeds.dtype)[index], embeds.reshape(b * t, d))
+  return merged.reshape(b, t, d)
+
+
+class InternVL(nnx.Module):
+
+  def __init__(self, cfg: InternVLConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    rngs = Keys(rngs)
+    dt, pdt = cfg.compute_dtype, cfg.weight_dtype
+    v, t = cfg.vision, cfg.text
+    self.vision_model = InternViT(v, dtype=dt, param_dtype=pdt, remat=cfg.remat, rngs=rngs)
+    in_dim = v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
+    self.mlp1 = MLPProjector(in_dim, t.hidden_size, param_dtype=pdt, rngs=rngs)
+    self.language_model = Qwen3Decoder(t, dtype=dt, param_dtype=pdt, remat=cfg.remat, rngs=rngs)
+
+  def image_features(self, pixel_values, *, rngs: nnx.Rngs | None = None):
+    """pixel_values [tiles, H, W, 3] -> [tiles, tokens_per_tile, llm hidden]."""
+    return extract_feature(self.vision_model(pixel_values, rngs=rngs), self.mlp1, self.cfg.downsample_ratio)
+
+  def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None, segment_ids=None,
+               return_aux: bool = False, rngs: nnx.Rngs | None = None):
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    b, t = input_ids.shape
+    embeds = self.language_model.embed(input_ids)
+    if pixel_values is not None:
+      feats = self.image_features(jnp.asarray(pixel_values), rngs=rngs)
+      embeds = merge_image_features(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id)
+    else:
+      check_image_tokens(input_ids, 0, self.cfg.image_token_id)
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
+    if position_ids is None:
+      position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits, aux = self.language_model(embeds, jnp.asarray(position_ids), jnp.asarray(segment_ids))
+    if return_aux:
+      return logits, {"moe_aux_loss": aux if aux is not None else jnp.zeros((), jnp.float32)}
+    return logits
+
+
+def init_model(cfg: InternVLConfig, *, seed: int = 0, mesh=None) -> InternVL:
+  """A randomly initialised model, created by one jitted program (fast, unlike op-by-op init); with a
+  Mesh every parameter is created directly in its shard."""
+  from internvl_jax import sharding
+  abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(seed)))
+  graphdef, abs_state = nnx.split(abstract)
+  shardings = sharding.state_shardings(abs_state, mesh) if mesh is not None else None
+  state = jax.jit(lambda: nnx.state(InternVL(cfg, rngs=nnx.Rngs(seed))), out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+@nnx.jit(static_argnames=("return_aux",))
+def forward(model: InternVL, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
+            segment_ids=None, return_aux: bool = False):
+  """Jitted `model(...)`; same arguments and results."""
+  return model(input_ids, pixel_values, attention_mask, position_ids=position_ids, segment_ids=segment_ids,
+               return_aux=return_aux)

@@ -1,0 +1,140 @@
+"""The "LLM" of ViT-MLP-LLM: Qwen3 dense and Qwen3-MoE decoders (REFERENCE.md §7.3).
+
+Pre-norm RMSNorm blocks; grouped-query attention with per-head q/k RMSNorm applied before RoPE; SwiGLU
+or MoE feed-forward; tied or untied lm_head. GPT-OSS (InternVL3.5-20B-A4B) builds its parameter shapes
+here (attention bias, sinks, router and expert biases) so the model zoo can count it; its forward pass
+arrives with its own issue and raises NotImplementedError until then.
+
+Layers are a Python loop over per-layer modules, not a scan: each layer's weights map one-to-one onto
+checkpoint tensors, so loading streams tensor by tensor into its sharded slot with no stacking copy.
+The price is compile time linear in depth (see WORKSPACE.md).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from internvl_jax.config import TextConfig
+from internvl_jax.layers import RMSNorm, attention, call_layer, decoder_mask, param, rope
+from internvl_jax.moe import MoE, load_balancing_loss
+from internvl_jax.sharding import constrain
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
+    d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.cfg = cfg
+    self.q_proj = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
+    self.k_proj = param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.v_proj = param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.o_proj = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+    if cfg.attention_bias:
+      self.q_bias = param(rngs, (n, h), ("heads", "head_dim"), param_dtype, "zeros")
+      self.k_bias = param(rngs, (kv, h), ("kv_heads", "head_dim"), param_dtype, "zeros")
+      self.v_bias = param(rngs, (kv, h), ("kv_heads", "head_dim"), param_dtype, "zeros")
+      self.o_bias = param(rngs, (d,), ("embed",), param_dtype, "zeros")
+    if cfg.arch == "gpt_oss":
+      self.sinks = param(rngs, (n,), ("heads",), param_dtype, "zeros")
+    else:  # Qwen3: per-head RMSNorm on q and k, before RoPE
+      self.q_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), param_dtype=param_dtype, rngs=rngs)
+      self.k_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, positions, mask):
+    dt = x.dtype
+    q = self.q_norm(jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt)))
+    k = self.k_norm(jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt)))
+    v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+    q = rope(q, positions, self.cfg.rope_theta)
+    k = rope(k, positions, self.cfg.rope_theta)
+    out = attention(q, k, v, mask)
+    return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    self.gate = param(rngs, (d, i), ("embed", "mlp"), param_dtype)
+    self.up = param(rngs, (d, i), ("embed", "mlp"), param_dtype)
+    self.down = param(rngs, (i, d), ("mlp", "embed"), param_dtype)
+
+  def __call__(self, x):
+    dt = x.dtype
+    h = jax.nn.silu(jnp.einsum("btd,di->bti", x, self.gate[...].astype(dt)))
+    h = h * jnp.einsum("btd,di->bti", x, self.up[...].astype(dt))
+    return jnp.einsum("bti,id->btd", h, self.down[...].astype(dt))
+
+
+class GptOssExperts(nnx.Module):
+  """GPT-OSS expert and router shapes (REFERENCE.md §7.1); no forward pass yet."""
+
+  def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
+    d, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    self.router = param(rngs, (d, e), ("embed", None), param_dtype)
+    self.router_bias = param(rngs, (e,), (None,), param_dtype, "zeros")
+    self.gate_up = param(rngs, (e, d, 2 * i), ("expert", "embed", "mlp"), param_dtype)
+    self.gate_up_bias = param(rngs, (e, 2 * i), ("expert", "mlp"), param_dtype, "zeros")
+    self.down = param(rngs, (e, i, d), ("expert", "mlp", "embed"), param_dtype)
+    self.down_bias = param(rngs, (e, d), ("expert", "embed"), param_dtype, "zeros")
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.input_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+    self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if cfg.arch == "gpt_oss":
+      self.mlp = GptOssExperts(cfg, param_dtype=param_dtype, rngs=rngs)
+    elif cfg.is_moe:
+      self.mlp = MoE(cfg, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, positions, mask, valid):
+    x = x + self.attn(self.input_norm(x), positions, mask)
+    h = self.post_attn_norm(x)
+    if isinstance(self.mlp, MoE):
+      y, stats = self.mlp(h, valid)
+    else:
+      y, stats = self.mlp(h), None
+    return constrain(x + y, ("batch", "length", "embed")), stats
+
+
+class Qwen3Decoder(nnx.Module):
+  """embeds [b, t, d] -> (logits [b, t, vocab], MoE load-balancing loss or None)."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
+    self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+    self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+
+  def embed(self, input_ids):
+    return self.embed_tokens[...][input_ids].astype(self.dtype)
+
+  def __call__(self, x, positions, segment_ids):
+    """x: input embeddings [b, t, d]; positions [b, t]; segment_ids [b, t] (0 = padding)."""
+    if self.cfg.arch == "gpt_oss":
+      raise NotImplementedError("the GPT-OSS decoder (InternVL3.5-20B-A4B) forward pass is not implemented yet")
+    mask = decoder_mask(segment_ids)
+    valid = segment_ids != 0
+    x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
+    stats = []
+    for layer in self.layers:
+      x, s = call_layer(layer, self.remat, x, positions, mask, valid)
+      stats.append(s)
+    x = self.norm(x)
+    head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype))
+    aux = None
+    if self.cfg.is_moe:
+      counts, probs, rows = (sum(s[i] for s in stats) for i in range(3))
+      aux = load_balancing_loss(counts, probs, rows)
+    return constrain(logits, ("batch", "length", "vocab")), aux

@@ -1,0 +1,88 @@
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and tiny transformers reference models.
+
+The reference models are built once per session with random weights (every tensor perturbed, norms and
+layer scales included, so a mis-mapped key cannot hide) and saved as safetensors in a temp folder.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+IMAGE_TOKEN = 500
+VOCAB = 512
+
+VISION = dict(model_type="internvl_vision", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, image_size=[56, 56], patch_size=[14, 14], norm_type="layer_norm",
+              use_qk_norm=False, attention_bias=True, layer_scale_init_value=0.1)
+TEXT = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, intermediate_size=128, rope_theta=10000.0, tie_word_embeddings=False)
+VARIANTS = {
+    # dense Qwen3, InternViT-300M style, untied lm_head
+    "dense": dict(vision=VISION, text=TEXT, tie=False),
+    # Qwen3-MoE, tied lm_head
+    "moe": dict(vision=VISION, text={**TEXT, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "norm_topk_prob": True}, tie=True),
+    # InternViT-6B style: RMSNorm, QK-norm over the full width, no qkv bias
+    "vit6b": dict(vision={**VISION, "norm_type": "rms_norm", "use_qk_norm": True, "attention_bias": False},
+                  text=TEXT, tie=False),
+}
+
+
+def build_hf(variant: str, seed: int = 0, **overrides):
+  """A tiny transformers InternVLForConditionalGeneration with every weight randomised."""
+  import torch
+  from transformers import InternVLConfig, InternVLForConditionalGeneration
+  v = VARIANTS[variant]
+  cfg = InternVLConfig(vision_config=dict(v["vision"]), text_config=dict(v["text"]), image_token_id=IMAGE_TOKEN,
+                       downsample_ratio=0.5, tie_word_embeddings=v["tie"], **overrides)
+  torch.manual_seed(seed)
+  model = InternVLForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith(("norm.weight", "layernorm_before.weight", "layernorm_after.weight", "layer_norm.weight")):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      elif "lambda" in name:
+        p.copy_(0.5 + 0.2 * torch.randn_like(p))
+      else:
+        p.copy_(torch.randn_like(p) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 0.1))
+  return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+  """variant -> (folder of a saved transformers checkpoint, the torch model)."""
+  cache = {}
+
+  def get(variant: str):
+    if variant not in cache:
+      model = build_hf(variant)
+      path = str(tmp_path_factory.mktemp(f"hf_{variant}"))
+      model.save_pretrained(path)
+      cache[variant] = (path, model)
+    return cache[variant]
+
+  return get
+
+
+def make_batch(seed: int = 0, tokens_per_tile: int = 4, tiles=(2, 1), image_size: int = 56):
+  """Two rows: row 0 holds two images (tiles[0] + 1 tiles), row 1 one image (tiles[1] tiles) and is
+  left-padded. Returns input_ids, attention_mask, pixel_values (NHWC)."""
+  rng = np.random.RandomState(seed)
+
+  def image(n):
+    return [IMAGE_TOKEN] * (n * tokens_per_tile)
+
+  text = lambda n: list(rng.randint(0, IMAGE_TOKEN, n))
+  row0 = text(3) + image(tiles[0]) + text(2) + image(1) + text(4)
+  row1 = text(2) + image(tiles[1]) + text(3)
+  width = max(len(row0), len(row1))
+  ids = np.zeros((2, width), np.int64)
+  mask = np.zeros((2, width), np.int64)
+  ids[0, :len(row0)], mask[0, :len(row0)] = row0, 1
+  ids[1, width - len(row1):], mask[1, width - len(row1):] = row1, 1
+  n_tiles = tiles[0] + 1 + tiles[1]
+  pixels = rng.randn(n_tiles, image_size, image_size, 3).astype(np.float32)
+  return ids, mask, pixels

@@ -1,0 +1,145 @@
+"""Model behaviour beyond parity: image-token checks, packed rows, sharding over 8 devices, remat,
+bfloat16, and checkpoint error reporting."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import internvl_jax as ij
+from internvl_jax import sharding, zoo
+from conftest import IMAGE_TOKEN, make_batch
+
+
+@pytest.fixture(scope="module")
+def tiny_moe():
+  return ij.init_model(zoo.get("tiny-moe"), seed=1)
+
+
+def test_image_token_count_mismatch_is_an_error(tiny_moe):
+  ids, mask, pixels = make_batch()
+  with pytest.raises(ValueError, match="IMG_CONTEXT.*hold 16 image tokens.*give 12"):
+    tiny_moe(ids, pixels[:-1], mask)
+  with pytest.raises(ValueError, match="IMG_CONTEXT"):
+    tiny_moe(ids, None, mask)
+  with pytest.raises(Exception, match="IMG_CONTEXT"):  # under jit the check runs on the device values
+    jax.block_until_ready(ij.forward(tiny_moe, ids, pixels[:-1], mask))
+
+
+def test_packed_rows_do_not_attend_across_samples(tiny_moe):
+  """Two samples packed in one row with segment ids and per-sample positions = each run alone."""
+  rng = np.random.RandomState(0)
+  a, b = rng.randint(0, 400, 7), rng.randint(0, 400, 5)
+  alone_a = np.asarray(ij.forward(tiny_moe, a[None]))[0]
+  alone_b = np.asarray(ij.forward(tiny_moe, b[None]))[0]
+  packed = np.concatenate([a, b, [0, 0]])[None]
+  seg = np.array([[1] * 7 + [2] * 5 + [0, 0]])
+  pos = np.array([list(range(7)) + list(range(5)) + [0, 0]])
+  out = np.asarray(ij.forward(tiny_moe, packed, segment_ids=seg, position_ids=pos))[0]
+  np.testing.assert_allclose(out[:7], alone_a, atol=1e-5)
+  np.testing.assert_allclose(out[7:12], alone_b, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,mesh_shape", [("tiny-dense", {"data": 2, "fsdp": 2, "tensor": 2}),
+                                                ("tiny-moe", {"fsdp": 2, "tensor": 2, "expert": 2})])
+def test_sharded_init_and_forward_equal_one_device(preset, mesh_shape):
+  assert jax.device_count() == 8
+  cfg = zoo.get(preset)
+  mesh = sharding.make_mesh(mesh_shape)
+  ids, mask, pixels = make_batch(seed=5)
+  single = ij.init_model(cfg, seed=3)
+  want = np.asarray(ij.forward(single, ids, pixels, mask))
+  sharded = ij.init_model(cfg, seed=3, mesh=mesh)
+  state = nnx.state(sharded, nnx.Param)
+  specs = {p: v.get_value().sharding.spec for p, v in nnx.to_flat_state(state)}
+  assert any(s != jax.sharding.PartitionSpec(*[None] * len(s)) for s in specs.values())
+  flat = dict(nnx.to_flat_state(state))
+  for p, v in nnx.to_flat_state(nnx.state(single, nnx.Param)):  # eager vs jitted init: last-bit differences
+    np.testing.assert_allclose(np.asarray(flat[p].get_value()), np.asarray(v.get_value()), rtol=1e-6, atol=1e-9)
+  with jax.set_mesh(mesh):
+    got = ij.forward(sharded, ids, pixels, mask)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_logical_axes_on_every_parameter():
+  model = nnx.eval_shape(lambda: ij.InternVL(zoo.get("tiny-moe"), rngs=nnx.Rngs(0)))
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = getattr(var, "logical_axes", None)
+    assert axes is not None and len(axes) == len(var.get_value().shape), path
+
+
+def test_remat_gives_the_same_gradients():
+  ids, mask, pixels = make_batch(seed=6)
+
+  def grads(remat):
+    model = ij.init_model(zoo.get("tiny-dense").replace(remat=remat), seed=2)
+
+    def loss(m):
+      return jnp.mean(m(ids, pixels, mask) ** 2)
+
+    return nnx.state(nnx.jit(nnx.grad(loss))(model), nnx.Param)
+
+  ref = grads("none")
+  for policy in ("full", "save_dots"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads(policy), ref)
+
+
+def test_bfloat16_compute_tracks_float32(hf_checkpoint):
+  path, _ = hf_checkpoint("dense")
+  ids, mask, pixels = make_batch()
+  f32 = np.asarray(ij.forward(ij.from_pretrained(path), ids, pixels, mask))
+  bf16_model = ij.from_pretrained(path, dtype=jnp.bfloat16)
+  assert bf16_model.language_model.embed_tokens.get_value().dtype == jnp.bfloat16
+  bf16 = np.asarray(ij.forward(bf16_model, ids, pixels, mask)).astype(np.float32)
+  valid = mask.astype(bool)
+  assert np.abs(bf16[valid] - f32[valid]).max() <= 5e-2 * np.abs(f32[valid]).max()
+
+
+def test_checkpoint_errors_name_the_keys(hf_checkpoint, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  path, _ = hf_checkpoint("dense")
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  tensors.pop("vision_tower.encoder.layer.1.mlp.fc1.bias")
+  tensors["vision_tower.extra.weight"] = np.zeros(3, np.float32)
+  tensors["language_model.model.norm.weight"] = np.zeros(7, np.float32)
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  shutil.copy(os.path.join(path, "config.json"), tmp_path / "config.json")
+  with pytest.raises(ValueError) as err:
+    ij.from_pretrained(str(tmp_path))
+  msg = str(err.value)
+  assert "missing keys (1): vision_tower.encoder.layer.1.mlp.fc1.bias" in msg
+  assert "unexpected keys (1): vision_tower.extra.weight" in msg
+  assert "language_model.model.norm.weight: checkpoint (7,), expected (64,)" in msg
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    ij.from_pretrained(str(tmp_path / "nowhere"))
+  cfg = json.load(open(tmp_path / "config.json"))
+  cfg.pop("text_config")
+  json.dump(cfg, open(tmp_path / "config.json", "w"))
+  with pytest.raises(ValueError, match="neither 'llm_config'"):
+    ij.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_on_a_mesh(hf_checkpoint):
+  """Loading with a Mesh places every tensor in its shard; logits equal the unsharded load."""
+  path, _ = hf_checkpoint("moe")
+  ids, mask, pixels = make_batch()
+  want = np.asarray(ij.forward(ij.from_pretrained(path), ids, pixels, mask))
+  mesh = sharding.make_mesh({"data": 2, "tensor": 2, "expert": 2})
+  model = ij.from_pretrained(path, mesh=mesh)
+  gate = model.language_model.layers[0].mlp.gate.get_value()
+  assert gate.sharding.spec == jax.sharding.PartitionSpec("expert", None, "tensor")
+  assert len(gate.addressable_shards) == 8 and gate.addressable_shards[0].data.shape == (2, 64, 16)
+  with jax.set_mesh(mesh):
+    got = ij.forward(model, ids, pixels, mask)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_make_mesh_errors():
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    sharding.make_mesh({"data": 3, "fsdp": 2})
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    sharding.make_mesh({"model": 8})
