@@ -156,7 +156,7 @@ class InternViT(nnx.Module):
 
   def __call__(self, pixel_values, *, rngs: nnx.Rngs | None = None):
     """`rngs` (with a 'dropout' stream) turns on drop path, for training only."""
-    x = constrain(self.embed(pixel_values), ("batch", "length", "embed"))
+    x = constrain(self.embed(pixel_values), ("batch", "length", None))
     for layer in self.layers:
       rng = rngs.dropout() if rngs is not None else None
       x = call_layer(layer, self.remat, x, rng)

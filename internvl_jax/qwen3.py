@@ -102,7 +102,7 @@ class DecoderLayer(nnx.Module):
       y, stats = self.mlp(h, valid)
     else:
       y, stats = self.mlp(h), None
-    return constrain(x + y, ("batch", "length", "embed")), stats
+    return constrain(x + y, ("batch", "length", None)), stats
 
 
 class Qwen3Decoder(nnx.Module):
@@ -125,7 +125,7 @@ class Qwen3Decoder(nnx.Module):
       raise NotImplementedError("the GPT-OSS decoder (InternVL3.5-20B-A4B) forward pass is not implemented yet")
     mask = decoder_mask(segment_ids)
     valid = segment_ids != 0
-    x = constrain(x.astype(self.dtype), ("batch", "length", "embed"))
+    x = constrain(x.astype(self.dtype), ("batch", "length", None))
     stats = []
     for layer in self.layers:
       x, s = call_layer(layer, self.remat, x, positions, mask, valid)

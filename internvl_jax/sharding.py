@@ -87,7 +87,11 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules=RULES):
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint on an activation when a mesh is active (`jax.set_mesh`); a no-op otherwise."""
+  """Sharding constraint on an activation when a mesh is active (`jax.set_mesh`); a no-op otherwise.
+
+  Activations shard their batch (data parallel + FSDP) and keep the model width whole: FSDP gathers
+  weights, not activations.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x

@@ -63,10 +63,11 @@ def test_original_layout_roundtrip(hf_checkpoint, batch, tmp_path, variant):
   close(np.asarray(ij.forward(model, ids, pixels, mask))[valid], logits[valid], "logits (original layout)")
 
 
-def test_hf_layout_roundtrip_through_transformers(hf_checkpoint, batch, tmp_path):
+@pytest.mark.parametrize("variant", ["vit6b", "moe"])
+def test_hf_layout_roundtrip_through_transformers(hf_checkpoint, batch, tmp_path, variant):
   """Our sharded hf-layout export loads in transformers and in our loader, with identical logits."""
   from transformers import InternVLForConditionalGeneration
-  path, hf = hf_checkpoint("vit6b")
+  path, hf = hf_checkpoint(variant)
   ids, mask, pixels = batch
   _, _, logits = reference(hf, ids, mask, pixels)
   ij.save_pretrained(ij.from_pretrained(path), str(tmp_path), layout="hf", max_shard_size=200_000)
