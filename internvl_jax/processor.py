@@ -1,0 +1,208 @@
+"""Processor: chat messages with images and videos -> input_ids, attention_mask, pixel_values and, for
+training, labels (official `preprocess_internvl2_5` masking) and square-averaging loss weights.
+
+Messages are `{'role': 'system'|'user'|'assistant', 'content': ...}` or InternVL's data format
+`{'from': 'system'|'human'|'gpt', 'value': ...}`. Content is a string with `<image>` / `<video>`
+placeholders filled in order from `images=` / `videos=`, or a list of parts `{'type': 'text', 'text': ...}`,
+`{'type': 'image', 'image': PIL | path | bytes | array}`, `{'type': 'video', 'video': path | [frames]}`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from internvl_jax import dynamic_resolution as dr
+from internvl_jax import video as video_lib
+from internvl_jax.conversation import THINKING_SYSTEM, get_template, image_tokens
+from internvl_jax.tokenizer import Tokenizer
+
+IGNORE = -100
+_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+_PLACEHOLDER = re.compile(r"<image>|<video>")
+
+
+def loss_weights(labels: np.ndarray) -> np.ndarray:
+  """Square averaging (REFERENCE.md §6.1): 1/sqrt(N) on each of the sample's N supervised tokens, 0 elsewhere."""
+  n = int(np.sum(labels != IGNORE))
+  return np.where(labels != IGNORE, 1.0 / math.sqrt(n) if n else 0.0, 0.0).astype(np.float32)
+
+
+class Processor:
+
+  def __init__(self, tokenizer: Tokenizer, *, tokens_per_tile: int = 256, tile_size: int = 448, min_tiles: int = 1,
+               max_tiles: int = 12, use_thumbnail: bool = True, template: str = "internvl2_5"):
+    self.tokenizer, self.template = tokenizer, get_template(template)
+    self.tokens_per_tile, self.tile_size = tokens_per_tile, tile_size
+    self.min_tiles, self.max_tiles, self.use_thumbnail = min_tiles, max_tiles, use_thumbnail
+
+  @classmethod
+  def from_pretrained(cls, path: str, **overrides) -> "Processor":
+    """Tokenizer and image settings of a checkpoint folder; checks the tokenizer against the model config."""
+    from internvl_jax.checkpoint import load_config
+    cfg, _ = load_config(path)
+    tokenizer = Tokenizer.from_pretrained(path)
+    tokenizer.check_model_config(cfg)
+    with open(os.path.join(path, "config.json")) as f:
+      raw = json.load(f)
+    kw = dict(tokens_per_tile=cfg.tokens_per_tile, tile_size=cfg.vision.image_size,
+              min_tiles=raw.get("min_dynamic_patch", 1), max_tiles=raw.get("max_dynamic_patch", 12),
+              use_thumbnail=raw.get("use_thumbnail", True), template=raw.get("template", "internvl2_5"))
+    return cls(tokenizer, **{**kw, **overrides})
+
+  # ------------------------------------------------------------------------------------ messages
+
+  def _normalise(self, messages):
+    """-> [{'role', 'content': str}], and the visual placeholders in prompt order as
+    [message index, 'image'|'video', source or None (to come from images= / videos=)]."""
+    out, items = [], []
+    for i, m in enumerate(messages):
+      role = _ROLES.get(m.get("role", m.get("from")))
+      if role is None:
+        raise ValueError(f"message {i}: unknown role {m.get('role', m.get('from'))!r}")
+      content = m.get("content", m.get("value"))
+      if isinstance(content, list):
+        text = ""
+        for part in content:
+          kind = part.get("type")
+          if kind == "text":
+            if _PLACEHOLDER.search(part["text"]):
+              raise ValueError(f"message {i}: a text part holds an <image>/<video> placeholder; use an image or "
+                               "video part")
+            text += part["text"]
+          elif kind in ("image", "video"):
+            text += f"<{kind}>\n"
+            items.append([i, kind, part[kind]])
+          else:
+            raise ValueError(f"message {i}: unknown content part type {kind!r}")
+        content = text
+      elif isinstance(content, str):
+        items += [[i, p[1:-1], None] for p in _PLACEHOLDER.findall(content)]
+      else:
+        raise ValueError(f"message {i}: content must be a string or a list of parts, got {type(content).__name__}")
+      if role != "user" and any(j == i for j, _, _ in items):
+        raise ValueError(f"message {i}: images and videos belong in user messages, found in a {role} message")
+      out.append({"role": role, "content": content})
+    return out, items
+
+  def _place(self, messages, items, images, videos, train):
+    """Give every placeholder its source. At inference, images/videos passed without any placeholder go
+    in front of the first user message (`<image>\\n`, or `Image-k: <image>\\n` for several, then the videos)."""
+    images, videos = list(images or ()), list(videos or ())
+    if not train and not items and (images or videos):
+      first = next((j for j, m in enumerate(messages) if m["role"] == "user"), None)
+      if first is None:
+        raise ValueError("images or videos given without a user message")
+      prefix = ("<image>\n" if len(images) == 1 else
+                "".join(f"Image-{k + 1}: <image>\n" for k in range(len(images)))) + "<video>\n" * len(videos)
+      messages[first]["content"] = prefix + messages[first]["content"]
+      items = [[first, "image", None]] * len(images) + [[first, "video", None]] * len(videos)
+    for kind, given in (("image", images), ("video", videos)):
+      open_ = [j for j, k, src in items if k == kind and src is None]
+      if len(open_) != len(given):
+        raise ValueError(f"{len(open_)} <{kind}> placeholders (in messages {sorted(set(open_))}) but "
+                         f"{len(given)} {kind}s given")
+      sources = iter(given)
+      items = [[j, k, next(sources) if k == kind and src is None else src] for j, k, src in items]
+    return messages, items
+
+  # ------------------------------------------------------------------------------------ visuals
+
+  def _frames(self, source, train, rng, num_segments, num_frames):
+    if not isinstance(source, (str, os.PathLike)):
+      return [dr.load_image(f, name=f"video frame {k}") for k, f in enumerate(source)]
+    if train:
+      length = video_lib.count_frames(source)
+      return video_lib.read_frames(source, video_lib.training_indices(num_frames or num_segments, length, "rand", rng))
+    return video_lib.load_video(source, num_segments)
+
+  # ------------------------------------------------------------------------------------ main
+
+  def __call__(self, messages, images=None, videos=None, *, train: bool = False, system: str | None = None,
+               thinking: bool = False, add_generation_prompt: bool | None = None, max_length: int | None = None,
+               rng: np.random.Generator | None = None, num_segments: int = 32, num_frames: int | None = None,
+               jpeg_augment: bool = False) -> dict:
+    """One sample -> dict of numpy arrays: input_ids [L] int32, attention_mask [L] int32, pixel_values
+    [tiles, S, S, 3] float32 or None, num_tiles [images + frames]; with train=True also labels [L] (-100 =
+    ignored) and loss_weights [L]. Raises ValueError naming the message or file at fault."""
+    rng = rng or np.random.default_rng()
+    messages, items = self._place(*self._normalise(messages), images, videos, train)
+    if thinking:
+      system = THINKING_SYSTEM
+    # Images get max_tiles // number of images tiles each; video frames one tile each.
+    per_image = max(1, self.max_tiles // max(1, sum(k == "image" for _, k, _ in items)))
+    tiles, counts, sources = [], [], iter(items)
+
+    def image_text(source, where, max_tiles):
+      image = dr.load_image(source, name=source if isinstance(source, (str, os.PathLike)) else where)
+      if jpeg_augment:
+        image = dr.jpeg_reencode(image, rng)
+      crops = dr.crop_tiles(image, min_tiles=min(self.min_tiles, max_tiles), max_tiles=max_tiles,
+                            tile_size=self.tile_size, use_thumbnail=self.use_thumbnail)
+      tiles.append(dr.normalize(crops))
+      counts.append(len(crops))
+      return image_tokens(len(crops), self.tokens_per_tile)
+
+    def expand(match):
+      i, kind, source = next(sources)
+      if kind == "image":
+        return image_text(source, f"message {i}", per_image)
+      frames = self._frames(source, train, rng, num_segments, num_frames)
+      names = _PLACEHOLDER.sub("{}", video_lib.frame_prompt(len(frames), training=train)).split("{}")
+      return "".join(head + image_text(f, f"message {i}, video frame {j}", 1)
+                     for j, (head, f) in enumerate(zip(names, frames))) + names[-1]
+
+    for m in messages:
+      if m["role"] == "user":
+        # Inference frame prefixes end in "\n" themselves; training ones take the "\n" after <video>.
+        m["content"] = _PLACEHOLDER.sub(expand, m["content"] if train else m["content"].replace("<video>\n", "<video>"))
+    if add_generation_prompt is None:
+      add_generation_prompt = not train and (not messages or messages[-1]["role"] != "assistant")
+    turns = self.template.turns(messages, system=system, add_generation_prompt=add_generation_prompt)
+    ids, labels = [], []
+    for turn in turns:
+      t = self.tokenizer.encode(turn.text)
+      ids += t
+      if turn.role == "assistant":
+        head = len(self.tokenizer.encode(turn.header))
+        tail = len(self.tokenizer.encode(turn.trailer)) if turn.trailer else 0
+        labels += [IGNORE] * head + t[head:len(t) - tail] + [IGNORE] * tail
+      else:
+        labels += [IGNORE] * len(t)
+    if max_length is not None and len(ids) > max_length:
+      raise ValueError(f"sample has {len(ids)} tokens, more than max_length={max_length}")
+    out = {"input_ids": np.asarray(ids, np.int32), "attention_mask": np.ones(len(ids), np.int32),
+           "pixel_values": np.concatenate(tiles) if tiles else None, "num_tiles": np.asarray(counts, np.int32)}
+    if train:
+      out["labels"] = np.asarray(labels, np.int32)
+      out["loss_weights"] = loss_weights(out["labels"])
+    return out
+
+  def text(self, messages, **kw) -> str:
+    """The rendered prompt (placeholders expanded), for inspection."""
+    return self.tokenizer.decode(self(messages, **kw)["input_ids"], skip_special_tokens=False)
+
+
+def pad_batch(samples: list[dict], pad_id: int, *, side: str = "right") -> dict:
+  """Stack per-sample outputs into [batch, max_len] arrays (padding: input_ids pad_id, attention_mask 0,
+  labels -100, loss_weights 0) and concatenate pixel_values in sample order."""
+  if side not in ("left", "right"):
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+  width = max(len(s["input_ids"]) for s in samples)
+  fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE, "loss_weights": 0.0}
+  out = {}
+  for key, value in fill.items():
+    if key not in samples[0]:
+      continue
+    rows = []
+    for s in samples:
+      pad = np.full(width - len(s[key]), value, s[key].dtype)
+      rows.append(np.concatenate([pad, s[key]] if side == "left" else [s[key], pad]))
+    out[key] = np.stack(rows)
+  pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+  out["pixel_values"] = np.concatenate(pixels) if pixels else None
+  out["num_tiles"] = np.concatenate([s["num_tiles"] for s in samples])
+  return out
