@@ -3,13 +3,15 @@
 Two layouts (REFERENCE.md §7): 'original' (InternVL GitHub / remote code: `vision_model.*`, `mlp1.*`,
 `language_model.*`, config with `vision_config` + `llm_config`) and 'hf' (transformers-native
 InternVLForConditionalGeneration: `vision_tower.*` / `model.vision_tower.*`, ..., config with
-`vision_config` + `text_config`). Loading streams one tensor at a time from memory-mapped safetensors
-and places it straight into its target sharding, so host memory holds one tensor, not the checkpoint.
+`vision_config` + `text_config`). Loading reads one parameter's tensors at a time and places the result
+straight into its target sharding, so host memory holds about one parameter, not the checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -38,6 +40,8 @@ def text_config_from_dict(c: dict, arch: str, where: str) -> TextConfig:
     raise NotImplementedError(f"{where}: decoder {arch!r} is not supported (Qwen3, Qwen3-MoE, GPT-OSS)")
   if c.get("decoder_sparse_step", 1) != 1 or c.get("mlp_only_layers"):
     raise NotImplementedError(f"{where}: decoder_sparse_step / mlp_only_layers (dense layers inside an MoE) unsupported")
+  if c.get("attention_bias") and arch != "gpt_oss":
+    raise NotImplementedError(f"{where}: attention_bias=true is not supported for {arch}")
   if c.get("use_sliding_window") and arch != "gpt_oss":
     raise NotImplementedError(f"{where}: use_sliding_window=true is not supported for {arch}")
   rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
@@ -52,7 +56,7 @@ def text_config_from_dict(c: dict, arch: str, where: str) -> TextConfig:
       attention_bias=c.get("attention_bias", False), num_experts=c.get("num_experts", c.get("num_local_experts", 0)) or 0,
       num_experts_per_tok=c.get("num_experts_per_tok", 0) or 0,
       moe_intermediate_size=c.get("moe_intermediate_size", c.get("intermediate_size", 0) if arch == "gpt_oss" else 0) or 0,
-      norm_topk_prob=c.get("norm_topk_prob", arch != "gpt_oss"), router_aux_loss_coef=c.get("router_aux_loss_coef", 0.001),
+      norm_topk_prob=c.get("norm_topk_prob", False), router_aux_loss_coef=c.get("router_aux_loss_coef", 0.001),
       sliding_window=c.get("sliding_window") or 0, tie_word_embeddings=c.get("tie_word_embeddings", False))
 
 
@@ -75,6 +79,20 @@ def _image_token_from_tokenizer(folder: str) -> int | None:
 def config_from_dict(c: dict, folder: str = "<config>") -> tuple[InternVLConfig, str]:
   """InternVLConfig and layout ('original' or 'hf') from a released config.json."""
   where = os.path.join(folder, "config.json")
+  try:
+    cfg, layout = _config_from_dict(c, folder, where)
+  except KeyError as e:
+    raise ValueError(f"{where}: required field {e} is missing") from None
+  acts = {"vision_config.hidden_act": c["vision_config"].get("hidden_act", "gelu"),
+          "projector_hidden_act": c.get("projector_hidden_act", "gelu"),
+          "text hidden_act": c.get("llm_config", c.get("text_config", {})).get("hidden_act", "silu")}
+  for field, act in acts.items():
+    if act != ("silu" if field.startswith("text") else "gelu"):
+      raise NotImplementedError(f"{where}: {field}={act!r} is not supported")
+  return cfg, layout
+
+
+def _config_from_dict(c: dict, folder: str, where: str) -> tuple[InternVLConfig, str]:
   if "llm_config" in c:
     layout, v, llm = "original", c["vision_config"], c["llm_config"]
     if c.get("ps_version", "v2") != "v2":
@@ -86,8 +104,8 @@ def config_from_dict(c: dict, folder: str = "<config>") -> tuple[InternVLConfig,
         hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
         intermediate_size=v["intermediate_size"], image_size=c.get("force_image_size") or _pair(v["image_size"]),
         patch_size=_pair(v["patch_size"]), norm_type=v.get("norm_type", "rms_norm"),
-        norm_eps=v.get("layer_norm_eps", 1e-6), qk_norm=v.get("qk_normalization", False),
-        qkv_bias=v.get("qkv_bias", True), layer_scale_init=v.get("initializer_factor", 1.0),
+        norm_eps=v.get("layer_norm_eps", 1e-6), qk_norm=v.get("qk_normalization", True),
+        qkv_bias=v.get("qkv_bias", False), layer_scale_init=v.get("initializer_factor", 0.1),
         drop_path_rate=v.get("drop_path_rate", 0.0), select_layer=c.get("select_layer", -1))
     text = text_config_from_dict(llm, arch, where + ":llm_config")
     token = c.get("img_context_token_id") or _image_token_from_tokenizer(folder) or DEFAULT_IMAGE_TOKEN_ID
@@ -107,7 +125,7 @@ def config_from_dict(c: dict, folder: str = "<config>") -> tuple[InternVLConfig,
     text = text_config_from_dict(tc, tc.get("model_type", "qwen3"), where + ":text_config")
     # transformers ties lm_head by the top-level flag (InternVLConfig default: True).
     text = text.__class__(**{**text.__dict__, "tie_word_embeddings": c.get("tie_word_embeddings", True)})
-    token = c.get("image_token_id", DEFAULT_IMAGE_TOKEN_ID)
+    token = c.get("image_token_id", 151667)  # transformers' InternVLConfig default when the key is absent
   else:
     raise ValueError(f"{where}: neither 'llm_config' (original layout) nor 'text_config' (transformers layout)")
   return InternVLConfig(vision=vision, text=text, downsample_ratio=c.get("downsample_ratio", 0.5),
@@ -170,29 +188,63 @@ def _np_dtype(dtype) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype))
 
 
+def tensor_sources(ckpt: safetensors_io.Checkpoint, layout: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """canonical key -> (shape, read()). transformers' fused in-memory MoE experts
+  (`mlp.experts.gate_up_proj` [E, 2I, d], `mlp.experts.down_proj` [E, d, I]) appear as the per-expert
+  tensors that released checkpoints hold; the fused tensor is read once per layer, not once per expert."""
+  cache: dict[str, np.ndarray] = {}
+
+  def read(key):
+    if key not in cache:
+      cache.clear()
+      cache[key] = ckpt.get(key)
+    return cache[key]
+
+  out = {}
+  for key in ckpt.keys():
+    name, shape = (canonical_hf_key(key) if layout == "hf" else key), ckpt.shape(key)
+    if name.endswith("mlp.experts.gate_up_proj") and len(shape) == 3:
+      e, two_i, d = shape
+      for x in range(e):
+        out[f"{name[:-len('gate_up_proj')]}{x}.gate_proj.weight"] = ((two_i // 2, d), lambda k=key, x=x: read(k)[x, :two_i // 2])
+        out[f"{name[:-len('gate_up_proj')]}{x}.up_proj.weight"] = ((two_i // 2, d), lambda k=key, x=x: read(k)[x, two_i // 2:])
+    elif name.endswith("mlp.experts.down_proj") and len(shape) == 3:
+      for x in range(shape[0]):
+        out[f"{name[:-len('down_proj')]}{x}.down_proj.weight"] = (shape[1:], lambda k=key, x=x: read(k)[x])
+    else:
+      out[name] = (shape, lambda k=key: ckpt.get(k))
+  return out
+
+
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
                     image_token_id: int | None = None, **config_overrides) -> InternVL:
   """Load a released checkpoint folder (either layout, detected from config.json).
 
   dtype: compute dtype (and weight dtype unless `param_dtype` is given). mesh: place each tensor with its
   sharding from the logical-axis rules. `config_overrides` replace InternVLConfig fields (e.g. remat).
-  Missing, unexpected and mis-shaped tensors are reported together in one error.
+  Missing, unexpected and mis-shaped tensors are reported together in one error. As in transformers, a
+  config that ties lm_head to the embeddings while the checkpoint holds a different lm_head loads untied
+  (with a warning).
   """
   cfg, layout = load_config(path)
   cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype or dtype).name, **config_overrides)
   if image_token_id is not None:
     cfg = cfg.replace(image_token_id=image_token_id)
+  sources = tensor_sources(safetensors_io.Checkpoint(path), layout)
+  head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+  if cfg.text.tie_word_embeddings and head in sources and embed in sources:
+    if sources[head][0] != sources[embed][0] or not np.array_equal(sources[head][1](), sources[embed][1]()):
+      warnings.warn(f"{path}: tie_word_embeddings is true but {head} differs from the embeddings; loading it "
+                    "untied, as transformers does")
+      cfg = cfg.replace(text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
   table = specs(cfg, layout)
-  ckpt = safetensors_io.Checkpoint(path)
-  canon = {(canonical_hf_key(k) if layout == "hf" else k): k for k in ckpt.keys()}
   wanted = {k: s for spec in table.values() for k, s in zip(spec.keys, spec.shapes)}
   skip = skipped_vision_layers(cfg, layout)
-  missing = sorted(set(wanted) - set(canon))
-  unexpected = sorted(k for k in set(canon) - set(wanted)
-                      if not k.startswith(skip or ("\0",))
-                      and not (cfg.text.tie_word_embeddings and k == "language_model.lm_head.weight"))
-  mismatched = [f"{k}: checkpoint {ckpt.shape(canon[k])}, expected {s}" for k, s in sorted(wanted.items())
-                if k in canon and ckpt.shape(canon[k]) != tuple(s)]
+  missing = sorted(set(wanted) - set(sources))
+  unexpected = sorted(k for k in set(sources) - set(wanted)
+                      if not k.startswith(skip or ("\0",)) and not (cfg.text.tie_word_embeddings and k == head))
+  mismatched = [f"{k}: checkpoint {sources[k][0]}, expected {s}" for k, s in sorted(wanted.items())
+                if k in sources and tuple(sources[k][0]) != tuple(s)]
   if missing or unexpected or mismatched:
     parts = [f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
              for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -207,7 +259,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   target = _np_dtype(cfg.param_dtype)
   for p, var in flat.items():
     spec = table[p]
-    value = np.asarray(spec.load([ckpt.get(canon[k]) for k in spec.keys]), dtype=target)
+    value = np.asarray(spec.load([sources[k][1]() for k in spec.keys]), dtype=target)
     if value.shape != var.get_value().shape:
       raise AssertionError(f"{'.'.join(map(str, p))}: converted to {value.shape}, model wants {var.get_value().shape}")
     if mesh is None:
@@ -225,8 +277,10 @@ def save_pretrained(model: InternVL, path: str, *, layout: str = "hf", dtype: An
                     max_shard_size: int = 5 * 2**30) -> None:
   """Write config.json and safetensors (sharded with an index above `max_shard_size` bytes).
 
-  layout 'hf' is read by transformers' InternVLForConditionalGeneration; 'original' by the InternVL
-  remote code; both by `from_pretrained`. Tensors are fetched and written one at a time.
+  layout 'hf' is read by transformers' InternVLForConditionalGeneration; 'original' has the key names
+  and config of the released InternVL checkpoints (the remote-code .py files are not written); both are
+  read by `from_pretrained`. Tensors are fetched and written one at a time; stale safetensors files of
+  an earlier export in the same folder are removed first.
   """
   cfg = model.cfg
   table = specs(cfg, layout)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from internvl_jax.config import InternVLConfig
@@ -35,6 +36,13 @@ def check_image_tokens(input_ids, n_features: int, image_token_id: int):
     jax.debug.callback(_raise_count_mismatch, count, n_features)
   else:
     _raise_count_mismatch(count, n_features)
+
+
+def check_vocab(input_ids, vocab_size: int):
+  """Ids outside [0, vocab) would be silently clamped by the embedding gather: refuse them."""
+  lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+  if lo < 0 or hi >= vocab_size:
+    raise ValueError(f"input_ids hold ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})")
 
 
 def merge_image_features(embeds, input_ids, features, image_token_id: int):
@@ -69,6 +77,13 @@ class InternVL(nnx.Module):
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     b, t = input_ids.shape
+    for name, x in (("attention_mask", attention_mask), ("position_ids", position_ids), ("segment_ids", segment_ids)):
+      if x is not None and tuple(jnp.shape(x)) != (b, t):
+        raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}, input_ids {(b, t)}")
+    if pixel_values is not None and jnp.ndim(pixel_values) != 4:
+      raise ValueError(f"pixel_values must be [tiles, H, W, 3], got shape {tuple(jnp.shape(pixel_values))}")
+    if not isinstance(input_ids, jax.core.Tracer):
+      check_vocab(input_ids, self.cfg.text.vocab_size)
     embeds = self.language_model.embed(input_ids)
     if pixel_values is not None:
       feats = self.image_features(jnp.asarray(pixel_values), rngs=rngs)
@@ -97,8 +112,14 @@ def init_model(cfg: InternVLConfig, *, seed: int = 0, mesh=None) -> InternVL:
 
 
 @nnx.jit(static_argnames=("return_aux",))
-def forward(model: InternVL, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
-            segment_ids=None, return_aux: bool = False):
-  """Jitted `model(...)`; same arguments and results."""
+def _forward(model: InternVL, input_ids, pixel_values, attention_mask, position_ids, segment_ids, return_aux):
   return model(input_ids, pixel_values, attention_mask, position_ids=position_ids, segment_ids=segment_ids,
                return_aux=return_aux)
+
+
+def forward(model: InternVL, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
+            segment_ids=None, return_aux: bool = False):
+  """Jitted `model(...)`; same arguments and results. Token ids are checked against the vocabulary here,
+  before tracing; the <IMG_CONTEXT> count inside the program."""
+  check_vocab(input_ids, model.cfg.text.vocab_size)
+  return _forward(model, input_ids, pixel_values, attention_mask, position_ids, segment_ids, return_aux)

@@ -30,6 +30,8 @@ class Attention(nnx.Module):
     self.k_proj = param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype)
     self.v_proj = param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype)
     self.o_proj = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+    if cfg.attention_bias and cfg.arch != "gpt_oss":
+      raise NotImplementedError(f"attention_bias is only part of GPT-OSS, not {cfg.arch}")
     if cfg.attention_bias:
       self.q_bias = param(rngs, (n, h), ("heads", "head_dim"), param_dtype, "zeros")
       self.k_bias = param(rngs, (kv, h), ("kv_heads", "head_dim"), param_dtype, "zeros")

@@ -102,6 +102,9 @@ def write(folder: str, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, c
       size = 0
     shards[-1].append(e)
     size += nbytes
+  for old in os.listdir(folder):  # an earlier export's index would otherwise shadow the new files
+    if old.startswith("model") and (old.endswith(".safetensors") or old == INDEX):
+      os.remove(os.path.join(folder, old))
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   weight_map, total = {}, 0

@@ -30,6 +30,18 @@ def test_image_token_count_mismatch_is_an_error(tiny_moe):
     jax.block_until_ready(ij.forward(tiny_moe, ids, pixels[:-1], mask))
 
 
+def test_bad_call_arguments(tiny_moe):
+  ids, mask, pixels = make_batch()
+  with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 512\)"):
+    ij.forward(tiny_moe, np.where(ids == 0, -100, ids), pixels, mask)
+  with pytest.raises(ValueError, match=r"outside the vocabulary"):
+    tiny_moe(ids + 1000, pixels, mask)
+  with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 21\), input_ids \(2, 21\)"):
+    tiny_moe(ids, pixels, mask[:1])
+  with pytest.raises(ValueError, match=r"pixel_values must be \[tiles, H, W, 3\]"):
+    tiny_moe(ids, pixels[0], mask)
+
+
 def test_packed_rows_do_not_attend_across_samples(tiny_moe):
   """Two samples packed in one row with segment ids and per-sample positions = each run alone."""
   rng = np.random.RandomState(0)
@@ -117,6 +129,14 @@ def test_checkpoint_errors_name_the_keys(hf_checkpoint, tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     ij.from_pretrained(str(tmp_path / "nowhere"))
   cfg = json.load(open(tmp_path / "config.json"))
+  cfg["text_config"]["hidden_act"] = "relu"
+  json.dump(cfg, open(tmp_path / "config.json", "w"))
+  with pytest.raises(NotImplementedError, match="hidden_act='relu'"):
+    ij.from_pretrained(str(tmp_path))
+  cfg["text_config"].pop("hidden_size")
+  json.dump(cfg, open(tmp_path / "config.json", "w"))
+  with pytest.raises(ValueError, match="config.json: required field 'hidden_size' is missing"):
+    ij.from_pretrained(str(tmp_path))
   cfg.pop("text_config")
   json.dump(cfg, open(tmp_path / "config.json", "w"))
   with pytest.raises(ValueError, match="neither 'llm_config'"):
@@ -143,3 +163,14 @@ def test_make_mesh_errors():
     sharding.make_mesh({"data": 3, "fsdp": 2})
   with pytest.raises(ValueError, match="unknown mesh axes"):
     sharding.make_mesh({"model": 8})
+
+
+def test_resave_removes_stale_shards(tmp_path):
+  model = ij.init_model(zoo.get("tiny-dense"), seed=4)
+  ij.save_pretrained(model, str(tmp_path), max_shard_size=100_000)
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  other = ij.init_model(zoo.get("tiny-dense"), seed=5)
+  ij.save_pretrained(other, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+  got = ij.from_pretrained(str(tmp_path)).language_model.embed_tokens.get_value()
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(other.language_model.embed_tokens.get_value()))

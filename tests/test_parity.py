@@ -80,18 +80,40 @@ def test_hf_layout_roundtrip_through_transformers(hf_checkpoint, batch, tmp_path
         "logits (re-exported hf layout)")
 
 
-def test_in_memory_key_spelling(hf_checkpoint, batch, tmp_path):
-  """transformers' state_dict() names (model.vision_tower.*, lm_head.weight) load like the saved ones."""
+@pytest.mark.parametrize("variant", ["dense", "moe"])
+def test_in_memory_key_spelling(hf_checkpoint, batch, tmp_path, variant):
+  """transformers' state_dict() names (model.vision_tower.*, lm_head.weight, fused MoE experts
+  mlp.experts.gate_up_proj / down_proj) load like the saved ones."""
   from safetensors.torch import save_file
   import shutil
-  path, hf = hf_checkpoint("dense")
-  save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+  path, hf = hf_checkpoint(variant)
+  save_file({k: v.clone().contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
   shutil.copy(f"{path}/config.json", tmp_path / "config.json")
   ids, mask, pixels = batch
   _, _, logits = reference(hf, ids, mask, pixels)
   valid = mask.astype(bool)
   close(np.asarray(ij.forward(ij.from_pretrained(str(tmp_path)), ids, pixels, mask))[valid], logits[valid],
         "logits (in-memory key names)")
+
+
+def test_tied_config_with_a_distinct_lm_head_loads_untied(hf_checkpoint, batch, tmp_path):
+  """As transformers: tie_word_embeddings=true but a different lm_head in the file -> untied, warned."""
+  import json
+  import shutil
+  from transformers import InternVLForConditionalGeneration
+  path, hf = hf_checkpoint("dense")
+  shutil.copy(f"{path}/model.safetensors", tmp_path / "model.safetensors")
+  cfg = json.load(open(f"{path}/config.json"))
+  cfg["tie_word_embeddings"] = True
+  json.dump(cfg, open(tmp_path / "config.json", "w"))
+  ids, mask, pixels = batch
+  _, _, logits = reference(InternVLForConditionalGeneration.from_pretrained(str(tmp_path)).eval(), ids, mask, pixels)
+  _, _, untied = reference(hf, ids, mask, pixels)
+  np.testing.assert_array_equal(logits, untied)
+  with pytest.warns(UserWarning, match="loading it untied"):
+    model = ij.from_pretrained(str(tmp_path))
+  valid = mask.astype(bool)
+  close(np.asarray(ij.forward(model, ids, pixels, mask))[valid], logits[valid], "logits (tied flag, own lm_head)")
 
 
 def test_moe_aux_loss_matches_transformers(hf_checkpoint, batch):
