@@ -11,6 +11,8 @@ from typing import Literal
 import jax.numpy as jnp
 
 RematPolicy = Literal["none", "full", "save_dots"]
+AttentionImpl = Literal["auto", "xla", "pallas", "cudnn"]
+MoEImpl = Literal["auto", "xla", "pallas"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,11 @@ class InternVLConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: RematPolicy = "none"
+  # Kernels: 'auto' = Pallas on TPU and GPU, XLA elsewhere; 'cudnn' = jax.nn.dot_product_attention's cuDNN.
+  attention_impl: AttentionImpl = "auto"
+  moe_impl: MoEImpl = "auto"
+  # 'tpu' or 'gpu': run that backend's Pallas kernels in interpret mode on any device (tests, debugging).
+  pallas_interpret: str | None = None
 
   @property
   def tokens_per_tile(self) -> int:

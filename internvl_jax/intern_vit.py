@@ -14,7 +14,8 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax.config import VisionConfig
-from internvl_jax.layers import attention, call_layer, gelu, make_norm, param
+from internvl_jax import dispatch
+from internvl_jax.layers import call_layer, gelu, make_norm, param
 from internvl_jax.sharding import constrain
 
 
@@ -64,9 +65,10 @@ def drop_path(x, rate: float, rng):
 
 class InternViTAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, param_dtype, impl: str = "auto", interpret: str | None = None,
+               rngs: nnx.Rngs):
     d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    self.cfg = cfg
+    self.cfg, self.impl, self.interpret = cfg, impl, interpret
     self.qkv = param(rngs, (d, 3, n, h), ("embed", None, "heads", "head_dim"), param_dtype)
     self.qkv_bias = param(rngs, (3, n, h), (None, "heads", "head_dim"), param_dtype, "zeros") if cfg.qkv_bias else None
     if cfg.qk_norm:  # over the full width (all heads jointly), not per head
@@ -85,17 +87,18 @@ class InternViTAttention(nnx.Module):
       b, t, n, h = q.shape
       q = self.q_norm(q.reshape(b, t, n * h)).reshape(b, t, n, h)
       k = self.k_norm(k.reshape(b, t, n * h)).reshape(b, t, n, h)
-    out = attention(q, k, v)
+    out = dispatch.attention(q, k, v, causal=False, impl=self.impl, interpret=self.interpret)
     return jnp.einsum("btnh,nhd->btd", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
 
 class InternViTLayer(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, drop_rate: float, *, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, drop_rate: float, *, param_dtype, impl: str = "auto",
+               interpret: str | None = None, rngs: nnx.Rngs):
     d, i = cfg.hidden_size, cfg.intermediate_size
     self.drop_rate = drop_rate
     self.norm1 = make_norm(cfg.norm_type, d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
-    self.attn = InternViTAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+    self.attn = InternViTAttention(cfg, param_dtype=param_dtype, impl=impl, interpret=interpret, rngs=rngs)
     self.ls1 = param(rngs, (d,), ("embed",), param_dtype, "const", cfg.layer_scale_init)
     self.norm2 = make_norm(cfg.norm_type, d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = param(rngs, (d, i), ("embed", "mlp"), param_dtype)
@@ -124,7 +127,8 @@ class InternViTLayer(nnx.Module):
 class InternViT(nnx.Module):
   """pixel_values [tiles, H, W, 3] (NHWC, normalised) -> hidden states [tiles, 1 + H*W/p^2, D]."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: str = "none", attention_impl: str = "auto",
+               interpret: str | None = None, rngs: nnx.Rngs):
     d, p = cfg.hidden_size, cfg.patch_size
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     self.patch_embed = param(rngs, (p, p, 3, d), (None, None, None, "embed"), param_dtype)
@@ -135,8 +139,8 @@ class InternViT(nnx.Module):
     if not 1 <= n_run <= cfg.num_layers:
       raise ValueError(f"vision select_layer={cfg.select_layer} is outside [-{cfg.num_layers}, -1]")
     rates = np.linspace(0.0, cfg.drop_path_rate, cfg.num_layers)
-    self.layers = nnx.List([InternViTLayer(cfg, float(rates[i]), param_dtype=param_dtype, rngs=rngs)
-                            for i in range(n_run)])
+    self.layers = nnx.List([InternViTLayer(cfg, float(rates[i]), param_dtype=param_dtype, impl=attention_impl,
+                                           interpret=interpret, rngs=rngs) for i in range(n_run)])
 
   def embed(self, pixel_values):
     t, hgt, wid, c = pixel_values.shape

@@ -62,10 +62,13 @@ class InternVL(nnx.Module):
     rngs = Keys(rngs)
     dt, pdt = cfg.compute_dtype, cfg.weight_dtype
     v, t = cfg.vision, cfg.text
-    self.vision_model = InternViT(v, dtype=dt, param_dtype=pdt, remat=cfg.remat, rngs=rngs)
+    self.vision_model = InternViT(v, dtype=dt, param_dtype=pdt, remat=cfg.remat, attention_impl=cfg.attention_impl,
+                                  interpret=cfg.pallas_interpret, rngs=rngs)
     in_dim = v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
     self.mlp1 = MLPProjector(in_dim, t.hidden_size, param_dtype=pdt, rngs=rngs)
-    self.language_model = Qwen3Decoder(t, dtype=dt, param_dtype=pdt, remat=cfg.remat, rngs=rngs)
+    self.language_model = Qwen3Decoder(t, dtype=dt, param_dtype=pdt, remat=cfg.remat,
+                                       attention_impl=cfg.attention_impl, moe_impl=cfg.moe_impl,
+                                       interpret=cfg.pallas_interpret, rngs=rngs)
 
   def image_features(self, pixel_values, *, rngs: nnx.Rngs | None = None):
     """pixel_values [tiles, H, W, 3] -> [tiles, tokens_per_tile, llm hidden]."""

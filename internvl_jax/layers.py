@@ -101,9 +101,10 @@ def rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
-def attention(q, k, v, mask=None, *, scale: float | None = None):
-  """Softmax attention, XLA path. q [b, t, n, h]; k, v [b, s, kv, h] with n % kv == 0; mask [b, t, s]
-  (True = attend) or None. Grouped-query attention without repeating K/V; softmax in float32."""
+def xla_attention(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None):
+  """Softmax attention in plain XLA. q [b, t, n, h]; k, v [b, s, kv, h] with n % kv == 0; grouped-query
+  attention without repeating K/V; softmax in float32. With segment_ids [b, t] (t == s), tokens attend
+  within their segment and segment 0 (padding) is never attended to."""
   b, t, n, h = q.shape
   kv = k.shape[2]
   if n % kv:
@@ -111,6 +112,11 @@ def attention(q, k, v, mask=None, *, scale: float | None = None):
   scale = 1.0 / math.sqrt(h) if scale is None else scale
   qg = q.reshape(b, t, kv, n // kv, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  mask = None
+  if segment_ids is not None:
+    mask = decoder_mask(segment_ids, causal)
+  elif causal:
+    mask = jnp.tril(jnp.ones((t, k.shape[1]), bool), k.shape[1] - t)[None]
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -118,16 +124,16 @@ def attention(q, k, v, mask=None, *, scale: float | None = None):
   return out.reshape(b, t, n, h)
 
 
-def decoder_mask(segment_ids):
-  """Causal mask [b, t, t] restricted to equal, non-zero segment ids (0 marks padding).
+def decoder_mask(segment_ids, causal: bool = True):
+  """[b, t, t]: (causal and) equal, non-zero segment ids (0 marks padding).
 
   Queries on padding attend to nothing useful, but never yield NaN (masked logits are finite).
   """
   t = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))[None]
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   valid = (segment_ids != 0)[:, None, :]
-  return causal & same & valid
+  mask = same & valid
+  return mask & jnp.tril(jnp.ones((t, t), bool))[None] if causal else mask
 
 
 def remat_policy(name: str):

@@ -1,24 +1,19 @@
 """Mixture-of-experts feed-forward (Qwen3-MoE): softmax router, top-k, optional renormalisation of the
-top-k weights (`norm_topk_prob`), experts as grouped matmuls over tokens sorted by expert, and the
+top-k weights (`norm_topk_prob`), experts as grouped matmuls over tokens sorted by expert
+(`dispatch.grouped_matmul`: ragged_dot or the Pallas kernel), and the
 statistics of the Switch-style load-balancing loss (the same formula as transformers'
 `load_balancing_loss_func`)."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from internvl_jax import dispatch
 from internvl_jax.config import TextConfig
 from internvl_jax.layers import param
-
-
-def grouped_matmul(lhs, rhs, group_sizes):
-  """lhs [tokens, k] sorted by group, rhs [groups, k, n], group_sizes [groups] -> [tokens, n].
-
-  The one entry point for expert matmuls: `jax.lax.ragged_dot` here; the Pallas kernel of `kernels/`
-  replaces it behind this signature.
-  """
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
 
 
 def route(router_logits, top_k: int, norm_topk_prob: bool):
@@ -46,11 +41,27 @@ def load_balancing_loss(counts, prob_sums, rows):
   return num_experts * jnp.sum((counts / rows) * (prob_sums / rows))
 
 
+def routed_experts(xf, weights, experts, gate, up, down, *, impl: str = "auto", interpret: str | None = None):
+  """SwiGLU experts over tokens sorted by expert: xf [T, d], top-k weights/experts [T, k], expert
+  weights [E, d, I] / [E, I, d] -> [T, d]. All expert matmuls go through `dispatch.grouped_matmul`."""
+  k, num_experts = experts.shape[1], gate.shape[0]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  token = order // k
+  sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  xs = xf[token]
+  gmm = lambda lhs, rhs: dispatch.grouped_matmul(lhs, rhs, sizes, impl=impl, interpret=interpret)
+  h = jax.nn.silu(gmm(xs, gate)) * gmm(xs, up)
+  out = gmm(h, down) * weights.reshape(-1)[order][:, None].astype(xf.dtype)
+  return jnp.zeros_like(xf).at[token].add(out)
+
+
 class MoE(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, param_dtype, impl: str = "auto", interpret: str | None = None,
+               rngs: nnx.Rngs):
     d, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-    self.cfg = cfg
+    self.cfg, self.impl, self.interpret = cfg, impl, interpret
     self.router = param(rngs, (d, e), ("embed", None), param_dtype)
     self.gate = param(rngs, (e, d, i), ("expert", "embed", "mlp"), param_dtype)
     self.up = param(rngs, (e, d, i), ("expert", "embed", "mlp"), param_dtype)
@@ -63,15 +74,9 @@ class MoE(nnx.Module):
     xf = x.reshape(b * t, d)
     logits = jnp.einsum("td,de->te", xf, self.router[...].astype(x.dtype))
     weights, experts, probs = route(logits, k, self.cfg.norm_topk_prob)
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    token = order // k
-    sizes = jnp.bincount(flat, length=self.cfg.num_experts)
-    xs = xf[token]
     dt = x.dtype
-    h = jax.nn.silu(grouped_matmul(xs, self.gate[...].astype(dt), sizes)) * grouped_matmul(
-        xs, self.up[...].astype(dt), sizes)
-    out = grouped_matmul(h, self.down[...].astype(dt), sizes)
-    out = out * weights.reshape(-1)[order][:, None].astype(dt)
-    y = jnp.zeros_like(xf).at[token].add(out)
+    fn = functools.partial(routed_experts, impl=self.impl, interpret=self.interpret)
+    y = dispatch.moe_per_shard(fn, (xf, weights, experts),
+                               (self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)),
+                               impl=self.impl, interpret=self.interpret)
     return y.reshape(b, t, d), balance_stats(probs, experts, valid.reshape(-1))

@@ -16,16 +16,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from internvl_jax.config import TextConfig
-from internvl_jax.layers import RMSNorm, attention, call_layer, decoder_mask, param, rope
+from internvl_jax import dispatch
+from internvl_jax.layers import RMSNorm, call_layer, param, rope
 from internvl_jax.moe import MoE, load_balancing_loss
 from internvl_jax.sharding import constrain
 
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, param_dtype, impl: str = "auto", interpret: str | None = None,
+               rngs: nnx.Rngs):
     d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.cfg = cfg
+    self.cfg, self.impl, self.interpret = cfg, impl, interpret
     self.q_proj = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
     self.k_proj = param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype)
     self.v_proj = param(rngs, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -43,14 +45,15 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), param_dtype=param_dtype, rngs=rngs)
       self.k_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, segment_ids):
     dt = x.dtype
     q = self.q_norm(jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt)))
     k = self.k_norm(jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt)))
     v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
     q = rope(q, positions, self.cfg.rope_theta)
     k = rope(k, positions, self.cfg.rope_theta)
-    out = attention(q, k, v, mask)
+    out = dispatch.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.impl,
+                             interpret=self.interpret)
     return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
 
 
@@ -85,23 +88,25 @@ class GptOssExperts(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, param_dtype, kernels: dict, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.input_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-    self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+    self.attn = Attention(cfg, param_dtype=param_dtype, impl=kernels["attention_impl"],
+                          interpret=kernels["interpret"], rngs=rngs)
     self.post_attn_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     if cfg.arch == "gpt_oss":
       self.mlp = GptOssExperts(cfg, param_dtype=param_dtype, rngs=rngs)
     elif cfg.is_moe:
-      self.mlp = MoE(cfg, param_dtype=param_dtype, rngs=rngs)
+      self.mlp = MoE(cfg, param_dtype=param_dtype, impl=kernels["moe_impl"], interpret=kernels["interpret"],
+                     rngs=rngs)
     else:
       self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, mask, valid):
-    x = x + self.attn(self.input_norm(x), positions, mask)
+  def __call__(self, x, positions, segment_ids):
+    x = x + self.attn(self.input_norm(x), positions, segment_ids)
     h = self.post_attn_norm(x)
     if isinstance(self.mlp, MoE):
-      y, stats = self.mlp(h, valid)
+      y, stats = self.mlp(h, segment_ids != 0)
     else:
       y, stats = self.mlp(h), None
     return constrain(x + y, ("batch", "length", None)), stats
@@ -110,10 +115,13 @@ class DecoderLayer(nnx.Module):
 class Qwen3Decoder(nnx.Module):
   """embeds [b, t, d] -> (logits [b, t, vocab], MoE load-balancing loss or None)."""
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: str = "none", attention_impl: str = "auto",
+               moe_impl: str = "auto", interpret: str | None = None, rngs: nnx.Rngs):
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
-    self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+    kernels = dict(attention_impl=attention_impl, moe_impl=moe_impl, interpret=interpret)
+    self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, kernels=kernels, rngs=rngs)
+                            for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
@@ -125,12 +133,10 @@ class Qwen3Decoder(nnx.Module):
     """x: input embeddings [b, t, d]; positions [b, t]; segment_ids [b, t] (0 = padding)."""
     if self.cfg.arch == "gpt_oss":
       raise NotImplementedError("the GPT-OSS decoder (InternVL3.5-20B-A4B) forward pass is not implemented yet")
-    mask = decoder_mask(segment_ids)
-    valid = segment_ids != 0
     x = constrain(x.astype(self.dtype), ("batch", "length", None))
     stats = []
     for layer in self.layers:
-      x, s = call_layer(layer, self.remat, x, positions, mask, valid)
+      x, s = call_layer(layer, self.remat, x, positions, segment_ids)
       stats.append(s)
     x = self.norm(x)
     head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]

@@ -1,5 +1,14 @@
-"""Pallas kernels (flash attention, grouped matmul) for TPU (Mosaic) and GPU (Triton).
+"""Pallas kernels for TPU (Mosaic) and GPU (Triton), each beside a pure-JAX reference.
 
-Not written yet: the model runs its XLA paths (`internvl_jax.layers.attention`,
-`internvl_jax.moe.grouped_matmul`), which are the signatures these kernels will implement.
+  flash_attention(q, k, v, *, causal, segment_ids=None, sliding_window=None, sinks=None, scale=None,
+                  backend='auto', interpret=False)      -> kernels/flash_attention.py
+  gmm(lhs, rhs, group_sizes, *, backend='auto', interpret=False)   -> kernels/gmm.py
+
+backend: 'auto' (the kernel of this platform; the reference on the CPU), 'tpu', 'gpu' or 'reference'.
+`interpret=True` runs a Pallas kernel on any device (tests). The model chooses between these and XLA in
+`internvl_jax/dispatch.py`.
 """
+from kernels.flash_attention import BlockSizes, flash_attention, reference_attention
+from kernels.gmm import GmmBlockSizes, gmm, tgmm
+
+__all__ = ["BlockSizes", "GmmBlockSizes", "flash_attention", "gmm", "reference_attention", "tgmm"]
