@@ -9,20 +9,20 @@ from kernels.flash_attention import BlockSizes, flash_attention, reference_atten
 
 BLOCKS = BlockSizes(16, 16, 16, 16)  # small blocks: several per sequence, ragged tails
 CASES = {
-    # name: (batch, seq_q, seq_kv, q_heads, kv_heads, head_dim, causal, segments, window, sinks)
+    # name: (batch, seq_q, seq_kv, q_heads, kv_heads, head_dim, causal, segments, window, sinks[, scale])
     "causal_gqa2_ragged": (1, 37, 37, 4, 2, 64, True, False, None, False),
     "bidirectional_mha_segments": (2, 24, 24, 2, 2, 64, False, True, None, False),
-    "causal_gqa8_d128": (1, 20, 20, 8, 1, 128, True, False, None, False),
+    "causal_gqa8_d128_scale": (1, 20, 20, 8, 1, 128, True, False, None, False, 0.05),
     "window_sinks_segments": (1, 45, 45, 4, 2, 64, True, True, 9, True),
     "decode_chunk": (1, 5, 29, 2, 1, 64, True, False, None, False),
 }
 
 
 def inputs(case, dtype, seed=0):
-  b, t, s, n, kv, d, causal, seg, window, sinks = case
+  b, t, s, n, kv, d, causal, seg, window, sinks = case[:10]
   rng = np.random.default_rng(seed)
   q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in ((b, t, n, d), (b, s, kv, d), (b, s, kv, d)))
-  kw = dict(causal=causal, sliding_window=window)
+  kw = dict(causal=causal, sliding_window=window, scale=case[10] if len(case) > 10 else None)
   if seg:
     kw["segment_ids"] = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1), jnp.int32)
   sink = jnp.asarray(rng.standard_normal(n), jnp.float32) if sinks else None
