@@ -3,8 +3,9 @@ from internvl_jax.checkpoint import from_pretrained, save_pretrained
 from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
 from internvl_jax.dynamic_resolution import dynamic_preprocess, tile_grid
 from internvl_jax.internvl import InternVL, forward, init_model
+from internvl_jax.generation import chat, generate
 from internvl_jax.processor import Processor, pad_batch
 from internvl_jax.tokenizer import Tokenizer
 
 __all__ = ["InternVL", "InternVLConfig", "Processor", "TextConfig", "Tokenizer", "VisionConfig", "dynamic_preprocess",
-           "forward", "from_pretrained", "init_model", "pad_batch", "save_pretrained", "tile_grid"]
+           "chat", "forward", "from_pretrained", "generate", "init_model", "pad_batch", "save_pretrained", "tile_grid"]

@@ -45,10 +45,12 @@ def check_vocab(input_ids, vocab_size: int):
     raise ValueError(f"input_ids hold ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})")
 
 
-def merge_image_features(embeds, input_ids, features, image_token_id: int):
-  """Write features [n, d] into the <IMG_CONTEXT> positions of embeds [b, t, d], in row-major order."""
+def merge_image_features(embeds, input_ids, features, image_token_id: int, *, check: bool = True):
+  """Write features [n, d] into the <IMG_CONTEXT> positions of embeds [b, t, d], in row-major order.
+  check=False is for callers that validated the count on the host and pad `features` to a bucket."""
   b, t, d = embeds.shape
-  check_image_tokens(input_ids, features.shape[0], image_token_id)
+  if check:
+    check_image_tokens(input_ids, features.shape[0], image_token_id)
   mask = (input_ids == image_token_id).reshape(-1)
   index = jnp.clip(jnp.cumsum(mask) - 1, 0, features.shape[0] - 1)
   merged = jnp.where(mask[:, None], features.astype(embeds.dtype)[index], embeds.reshape(b * t, d))

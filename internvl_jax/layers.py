@@ -101,10 +101,9 @@ def rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
-def xla_attention(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None):
-  """Softmax attention in plain XLA. q [b, t, n, h]; k, v [b, s, kv, h] with n % kv == 0; grouped-query
-  attention without repeating K/V; softmax in float32. With segment_ids [b, t] (t == s), tokens attend
-  within their segment and segment 0 (padding) is never attended to."""
+def masked_attention(q, k, v, mask=None, scale: float | None = None):
+  """q [b, t, n, h], k/v [b, s, kv, h] with n % kv == 0, mask [b, t, s] (True = attend) or None ->
+  [b, t, n, h]. Plain XLA; grouped-query attention without repeating K/V; softmax in float32."""
   b, t, n, h = q.shape
   kv = k.shape[2]
   if n % kv:
@@ -112,16 +111,22 @@ def xla_attention(q, k, v, *, causal: bool, segment_ids=None, scale: float | Non
   scale = 1.0 / math.sqrt(h) if scale is None else scale
   qg = q.reshape(b, t, kv, n // kv, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
+def xla_attention(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None):
+  """Causal or bidirectional attention in XLA. With segment_ids [b, t] (t == s), tokens attend within
+  their segment and segment 0 (padding) is never attended to."""
+  t, s = q.shape[1], k.shape[1]
   mask = None
   if segment_ids is not None:
     mask = decoder_mask(segment_ids, causal)
   elif causal:
-    mask = jnp.tril(jnp.ones((t, k.shape[1]), bool), k.shape[1] - t)[None]
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-  return out.reshape(b, t, n, h)
+    mask = jnp.tril(jnp.ones((t, s), bool), s - t)[None]
+  return masked_attention(q, k, v, mask, scale)
 
 
 def decoder_mask(segment_ids, causal: bool = True):

@@ -17,7 +17,7 @@ from flax import nnx
 
 from internvl_jax.config import TextConfig
 from internvl_jax import dispatch
-from internvl_jax.layers import RMSNorm, call_layer, param, rope
+from internvl_jax.layers import RMSNorm, call_layer, masked_attention, param, rope
 from internvl_jax.moe import MoE, load_balancing_loss
 from internvl_jax.sharding import constrain
 
@@ -45,16 +45,26 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), param_dtype=param_dtype, rngs=rngs)
       self.k_norm = RMSNorm(h, cfg.rms_norm_eps, axes=("head_dim",), param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids):
+  def __call__(self, x, positions, segment_ids, kv=None, cache=None):
+    """Without a cache: causal attention over x. With one (generation): the new keys/values are written
+    at cache['index'] + 0..t-1 of kv = (k_cache, v_cache) [b, S, kv, h], and the queries attend to every
+    valid cache slot up to their own; returns (out, new kv)."""
     dt = x.dtype
     q = self.q_norm(jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt)))
     k = self.k_norm(jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt)))
     v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
     q = rope(q, positions, self.cfg.rope_theta)
     k = rope(k, positions, self.cfg.rope_theta)
-    out = dispatch.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.impl,
-                             interpret=self.interpret)
-    return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+    if cache is None:
+      out = dispatch.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.impl,
+                               interpret=self.interpret)
+      return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+    k_cache, v_cache = kv
+    rows, slots = cache["rows"], cache["slots"]
+    k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype))
+    v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype))
+    out = masked_attention(q, k_cache.astype(dt), v_cache.astype(dt), cache["mask"])
+    return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt)), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -102,14 +112,18 @@ class DecoderLayer(nnx.Module):
     else:
       self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, segment_ids):
-    x = x + self.attn(self.input_norm(x), positions, segment_ids)
+  def __call__(self, x, positions, segment_ids, kv=None, cache=None):
+    a = self.attn(self.input_norm(x), positions, segment_ids, kv, cache)
+    if cache is not None:
+      a, kv = a
+    x = x + a
     h = self.post_attn_norm(x)
     if isinstance(self.mlp, MoE):
       y, stats = self.mlp(h, segment_ids != 0)
     else:
       y, stats = self.mlp(h), None
-    return constrain(x + y, ("batch", "length", None)), stats
+    out = constrain(x + y, ("batch", "length", None))
+    return (out, stats) if cache is None else (out, stats, kv)
 
 
 class Qwen3Decoder(nnx.Module):
@@ -129,15 +143,28 @@ class Qwen3Decoder(nnx.Module):
   def embed(self, input_ids):
     return self.embed_tokens[...][input_ids].astype(self.dtype)
 
-  def __call__(self, x, positions, segment_ids):
-    """x: input embeddings [b, t, d]; positions [b, t]; segment_ids [b, t] (0 = padding)."""
+  def __call__(self, x, positions, segment_ids, cache=None, logits_at=None):
+    """x: input embeddings [b, t, d]; positions [b, t]; segment_ids [b, t] (0 = padding).
+
+    cache (generation, see generation.py): {'k', 'v': per-layer [b, S, kv, h], 'valid' [b, S], 'index' [b]};
+    the t tokens go to slots index..index+t-1, and the updated cache is returned as a third result.
+    logits_at [b]: compute logits only at these positions ([b, 1, vocab]), as generation needs.
+    """
     if self.cfg.arch == "gpt_oss":
       raise NotImplementedError("the GPT-OSS decoder (InternVL3.5-20B-A4B) forward pass is not implemented yet")
     x = constrain(x.astype(self.dtype), ("batch", "length", None))
-    stats = []
-    for layer in self.layers:
-      x, s = call_layer(layer, self.remat, x, positions, segment_ids)
+    stats, new_k, new_v = [], [], []
+    meta = None if cache is None else cache_view(cache, segment_ids)
+    for i, layer in enumerate(self.layers):
+      if cache is None:
+        x, s = call_layer(layer, self.remat, x, positions, segment_ids)
+      else:
+        x, s, (k, v) = layer(x, positions, segment_ids, (cache["k"][i], cache["v"][i]), meta)
+        new_k.append(k)
+        new_v.append(v)
       stats.append(s)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
     x = self.norm(x)
     head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
     logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype))
@@ -145,4 +172,22 @@ class Qwen3Decoder(nnx.Module):
     if self.cfg.is_moe:
       counts, probs, rows = (sum(s[i] for s in stats) for i in range(3))
       aux = load_balancing_loss(counts, probs, rows)
-    return constrain(logits, ("batch", "length", "vocab")), aux
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    if cache is None:
+      return logits, aux
+    written = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    return logits, aux, {"k": tuple(new_k), "v": tuple(new_v), "valid": meta["valid"],
+                         "index": cache["index"] + written}
+
+
+def cache_view(cache, segment_ids):
+  """Where t new tokens go in the cache and what each may attend to: slots index..index+t-1 (rows, slots
+  [b, t] for the scatter), the cache's validity after writing (padding stays invalid), and the mask
+  [b, t, S]: valid slots at or before the query's own slot."""
+  b, t = segment_ids.shape
+  size = cache["valid"].shape[1]
+  slots = cache["index"][:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  valid = cache["valid"].at[rows, slots].set(segment_ids != 0)
+  mask = valid[:, None, :] & (jnp.arange(size)[None, None, :] <= slots[:, :, None])
+  return {"rows": rows, "slots": slots, "valid": valid, "mask": mask}

@@ -86,3 +86,33 @@ def make_batch(seed: int = 0, tokens_per_tile: int = 4, tiles=(2, 1), image_size
   n_tiles = tiles[0] + 1 + tiles[1]
   pixels = rng.randn(n_tiles, image_size, image_size, 3).astype(np.float32)
   return ids, mask, pixels
+
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>", "<IMG_CONTEXT>",
+           "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory):
+  """A folder with a tokenizer.json built here (byte-level BPE + InternVL's special tokens) and the config
+  of the tiny-dense preset with that tokenizer's <IMG_CONTEXT> id (no weights)."""
+  import json
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from internvl_jax import checkpoint, zoo
+  from internvl_jax.conversation import INTERNVL_SYSTEM
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  corpus = ["What is in the image? A red panda is eating bamboo.", "Describe the video frame by frame.",
+            "The answer is 42. Frame1: Image-1: user assistant system", INTERNVL_SYSTEM] * 20
+  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL[:3],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens(SPECIAL[3:])
+  folder = tmp_path_factory.mktemp("ckpt")
+  tok.save(str(folder / "tokenizer.json"))
+  cfg = zoo.get("tiny-dense").replace(image_token_id=tok.token_to_id("<IMG_CONTEXT>"))
+  with open(folder / "config.json", "w") as f:
+    json.dump(checkpoint.config_to_dict(cfg, "original"), f)
+  return folder
+
+

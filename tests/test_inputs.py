@@ -9,15 +9,13 @@ import pytest
 from PIL import Image
 
 import internvl_jax as ij
-from internvl_jax import checkpoint, dynamic_resolution as dr, video, zoo
+from internvl_jax import dynamic_resolution as dr, video, zoo
 from internvl_jax.conversation import INTERNVL_SYSTEM, THINKING_SYSTEM
 
 # REFERENCE.md §4: the official candidate order for min 1, max 12 (CPython 3.11 set order, stable-sorted).
 OFFICIAL_ORDER = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
                   (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1), (2, 5),
                   (5, 2), (10, 1), (1, 10), (11, 1), (1, 11), (12, 1), (3, 4), (4, 3), (1, 12), (6, 2), (2, 6)]
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>", "<IMG_CONTEXT>",
-           "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 
 
 def official_grid(width, height, image_size=448):
@@ -30,26 +28,6 @@ def official_grid(width, height, image_size=448):
     elif diff == best_diff and width * height > 0.5 * image_size * image_size * i * j:
       best = (i, j)
   return best
-
-
-@pytest.fixture(scope="session")
-def ckpt_dir(tmp_path_factory):
-  """A folder with a tokenizer.json built here (byte-level BPE + InternVL's special tokens) and a config."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  corpus = ["What is in the image? A red panda is eating bamboo.", "Describe the video frame by frame.",
-            "The answer is 42. Frame1: Image-1: user assistant system", INTERNVL_SYSTEM] * 20
-  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL[:3],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok.add_special_tokens(SPECIAL[3:])
-  folder = tmp_path_factory.mktemp("ckpt")
-  tok.save(str(folder / "tokenizer.json"))
-  cfg = zoo.get("tiny-dense").replace(image_token_id=tok.token_to_id("<IMG_CONTEXT>"))
-  with open(folder / "config.json", "w") as f:
-    json.dump(checkpoint.config_to_dict(cfg, "original"), f)
-  return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,237 @@
+"""JAX-native generation: prefill (vision + text) into a preallocated KV cache, then one jitted decode
+step per token with the cache donated, greedy or sampled (temperature, top-k, top-p, repetition penalty).
+
+Shapes are bucketed so a long-running process compiles a bounded set of programs: prompt lengths and
+tile counts round up to powers of two (at least 16 tokens / 1 tile), batch sizes to powers of two, cache
+lengths to powers of two covering prompt + new tokens. A process that sees prompts up to L tokens, up to
+T tiles, batches up to B and caches up to C compiles at most log2(L/16)+1 x log2(T)+1 x log2(B)+1
+prefill programs and log2(C/16)+1 x log2(B)+1 decode programs (one per bucket combination it meets).
+
+Each row's prompt sits at cache slots 0..len-1 (padding after it is marked invalid and overwritten as the
+row grows), so rows of different lengths decode side by side at their own positions, and a server can
+put a new request into any free row (continuous batching).
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from internvl_jax.internvl import InternVL, check_vocab, merge_image_features
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Per-request sampling settings. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+
+
+def init_cache(cfg, batch: int, length: int):
+  """An empty KV cache: per-layer keys and values [batch, length, kv_heads, head_dim], slot validity, and
+  each row's next write slot."""
+  t = cfg.text
+  shape = (batch, length, t.num_kv_heads, t.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(t.num_layers))
+  return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, length), bool),
+          "index": jnp.zeros((batch,), jnp.int32)}
+
+
+def sample(logits, key, seen, temperature, top_k, top_p, penalty):
+  """logits [b, V] float32; per-row settings [b]; seen [b, V] tokens already in the sequence."""
+  logits = jnp.where(seen & (penalty[:, None] != 1.0),
+                     jnp.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None]), logits)
+  greedy = jnp.argmax(logits, axis=-1)
+  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+  kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)[:, None], axis=-1)
+  scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
+  # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p (at least one token)
+  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(ordered, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  cutoff = jnp.min(jnp.where(before < top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
+  scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+  drawn = jax.random.categorical(key, scaled, axis=-1)
+  return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+class Engine:
+  """The jitted prefill / decode / insert programs of one model structure. Parameters are passed per call
+  (`state = nnx.state(model)`), so a model that is being trained generates with its current weights."""
+
+  def __init__(self, model: InternVL):
+    self.cfg = model.cfg
+    self.graphdef = nnx.graphdef(model)
+    self._prefill = jax.jit(self._prefill_impl, donate_argnums=(4,))
+    self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3))
+    self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
+
+  # ------------------------------------------------------------------------------- jitted programs
+
+  def _prefill_impl(self, state, ids, mask, pixels, cache):
+    model = nnx.merge(self.graphdef, state)
+    lm = model.language_model
+    embeds = lm.embed(ids)
+    if pixels is not None:
+      feats = model.image_features(pixels)
+      embeds = merge_image_features(embeds, ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id,
+                                    check=False)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
+    logits, _, cache = lm(embeds, positions, mask.astype(jnp.int32), cache=cache, logits_at=last)
+    return logits[:, 0].astype(jnp.float32), cache
+
+  def _decode_impl(self, state, tokens, cache, seen, active, key, settings):
+    model = nnx.merge(self.graphdef, state)
+    lm = model.language_model
+    embeds = lm.embed(tokens[:, None])
+    positions = cache["index"][:, None]
+    logits, _, cache = lm(embeds, positions, active[:, None].astype(jnp.int32), cache=cache,
+                          logits_at=jnp.zeros_like(tokens))
+    nxt = sample(logits[:, 0].astype(jnp.float32), key, seen, *settings)
+    seen = seen.at[jnp.arange(tokens.shape[0]), nxt].set(True)
+    return nxt, cache, seen
+
+  def _insert_impl(self, cache, one, row):
+    """Copy a one-row cache (a prefilled request) into row `row` of the batch cache."""
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small[:, :big.shape[1]].astype(big.dtype),
+                                                                row, axis=0)
+    return jax.tree.map(put, cache, one)
+
+  # ------------------------------------------------------------------------------- host side
+
+  def prefill(self, state, rows: list[np.ndarray], pixel_values, cache_len: int):
+    """rows: token id arrays (unpadded); pixel_values: all tiles in row order, or None.
+    -> (last-position logits [B_bucket, V], cache, B_bucket)."""
+    b = bucket(len(rows))
+    t = bucket(max(len(r) for r in rows), 16)
+    ids = np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.int32)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    n_img = int(np.sum(ids == self.cfg.image_token_id))
+    n_tiles = 0 if pixel_values is None else len(pixel_values)
+    if n_img != n_tiles * self.cfg.tokens_per_tile:
+      raise ValueError(f"<IMG_CONTEXT> count mismatch: the prompts hold {n_img} image tokens but pixel_values "
+                       f"give {n_tiles} tiles x {self.cfg.tokens_per_tile} tokens")
+    pixels = None
+    if n_tiles:
+      pixels = np.zeros((bucket(n_tiles),) + tuple(pixel_values.shape[1:]), np.float32)
+      pixels[:n_tiles] = pixel_values
+    cache = init_cache(self.cfg, b, cache_len)
+    logits, cache = self._prefill(state, jnp.asarray(ids), jnp.asarray(mask), pixels, cache)
+    return logits, cache, b
+
+  def decode(self, state, tokens, cache, seen, active, key, settings):
+    return self._decode(state, tokens, cache, seen, active, key, settings)
+
+  def insert(self, cache, one, row: int):
+    return self._insert(cache, one, jnp.int32(row))
+
+
+def settings_arrays(samplings: list[Sampling], batch: int):
+  pad = samplings + [Sampling()] * (batch - len(samplings))
+  return (jnp.asarray([s.temperature for s in pad], jnp.float32), jnp.asarray([s.top_k for s in pad], jnp.int32),
+          jnp.asarray([s.top_p for s in pad], jnp.float32),
+          jnp.asarray([s.repetition_penalty for s in pad], jnp.float32))
+
+
+_ENGINES: "weakref.WeakKeyDictionary[InternVL, Engine]" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model: InternVL) -> Engine:
+  """One Engine per model object, so repeated generate() calls reuse its compiled programs."""
+  if model not in _ENGINES:
+    _ENGINES[model] = Engine(model)
+  return _ENGINES[model]
+
+
+def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=None, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+             seed: int = 0, eos_token_ids=(151645,), pad_token_id: int = 151643, stream=None,
+             stop=None) -> np.ndarray:
+  """New token ids [batch, new_tokens]; after a row stops (an eos id, or `stop`), the rest is pad_token_id.
+
+  input_ids [batch, seq] may be left- or right-padded (attention_mask marks real tokens); pixel_values
+  [tiles, H, W, 3] are the tiles of all rows in order. stream(step, tokens [batch]) is called per step;
+  stop(row, new_ids_so_far) -> bool ends a row early (stop strings, in `chat`).
+  """
+  ids = np.asarray(input_ids)
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+  if ids.ndim != 2 or mask.shape != ids.shape:
+    raise ValueError(f"input_ids must be [batch, seq] with a matching attention_mask; got {ids.shape}, {mask.shape}")
+  check_vocab(ids, model.cfg.text.vocab_size)
+  rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
+  engine, state = engine_for(model), nnx.state(model)
+  cache_len = bucket(bucket(max(len(r) for r in rows), 16) + max_new_tokens, 16)
+  logits, cache, b = engine.prefill(state, rows, None if pixel_values is None else np.asarray(pixel_values), cache_len)
+  settings = settings_arrays([Sampling(temperature, top_k, top_p, repetition_penalty)] * len(rows), b)
+  seen = np.zeros((b, model.cfg.text.vocab_size), bool)
+  for i, r in enumerate(rows):
+    seen[i, r] = True
+  seen = jnp.asarray(seen)
+  key = jax.random.key(seed)
+  key, sub = jax.random.split(key)
+  tokens = sample(logits, sub, seen, *settings)
+  seen = seen.at[jnp.arange(b), tokens].set(True)
+  active = np.arange(b) < len(rows)
+  eos = np.asarray(list(eos_token_ids or ()), np.int32)
+  out = np.full((len(rows), max_new_tokens), pad_token_id, np.int64)
+  for step in range(max_new_tokens):
+    host = np.asarray(tokens)
+    out[active[:len(rows)], step] = host[:len(rows)][active[:len(rows)]]
+    if stream is not None:
+      stream(step, np.where(active[:len(rows)], host[:len(rows)], pad_token_id))
+    active = active & ~np.isin(host, eos)
+    if stop is not None:
+      for i in np.flatnonzero(active[:len(rows)]):
+        active[i] = not stop(i, out[i, :step + 1])
+    if step == max_new_tokens - 1 or not active.any():
+      break
+    key, sub = jax.random.split(key)
+    tokens, cache, seen = engine.decode(state, tokens, cache, seen, jnp.asarray(active), sub, settings)
+  return out
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+  """Thinking mode: (the <think>...</think> section's content, the answer after it)."""
+  start, end = text.find("<think>"), text.find("</think>")
+  if start < 0 or end < start:
+    return "", text.strip()
+  return text[start + len("<think>"):end].strip(), text[end + len("</think>"):].strip()
+
+
+def chat(model: InternVL, processor, question: str, images=None, video=None, *, history=None, system=None,
+         thinking: bool = False, max_new_tokens: int = 512, stop=(), stream=None, **sampling):
+  """Answer `question` about `images` (list) or `video` (a path); returns the text, or (thinking, answer)
+  when thinking=True. `history` is a list of earlier {'role', 'content'} messages; `stop` strings end the
+  answer (and are cut off); stream(text_so_far) is called as tokens arrive."""
+  messages = list(history or []) + [{"role": "user", "content": question}]
+  sample_ = processor(messages, images=images, videos=[video] if video else None, system=system, thinking=thinking)
+  tok = processor.tokenizer
+  stops = tuple(stop)
+
+  def decoded(ids):
+    return tok.decode([int(i) for i in ids if i not in (tok.pad_id, tok.eos_id)], skip_special_tokens=False)
+
+  on_step = None if stream is None else (lambda step, t, acc=[]: (acc.append(int(t[0])), stream(decoded(acc))))
+  ids = generate(model, sample_["input_ids"][None], sample_["pixel_values"], max_new_tokens=max_new_tokens,
+                 eos_token_ids=(tok.eos_id,), pad_token_id=tok.pad_id, stream=on_step,
+                 stop=(lambda i, new: any(s in decoded(new) for s in stops)) if stops else None, **sampling)[0]
+  text = decoded(ids)
+  for s in stops:
+    if s in text:
+      text = text[:text.index(s)]
+  return split_thinking(text) if thinking else text.strip()
