@@ -1,5 +1,55 @@
-"""Inference entry point (generation, OpenAI-compatible server, DvD): not yet available."""
+"""Serve InternVL: one-shot answers streamed to stdout, or an OpenAI-compatible HTTP server.
+
+  python serve.py --checkpoint=/data/InternVL3_5-1B --image=cat.jpg --prompt="What is this?"
+  python serve.py --checkpoint=/data/InternVL3_5-1B --port=8000      # POST /v1/chat/completions
+"""
 import sys
 
+import jax.numpy as jnp
+from absl import app, flags
+
+import internvl_jax as ij
+
+FLAGS = flags.DEFINE_string("checkpoint", None, "checkpoint folder (original or transformers layout)", required=True)
+flags.DEFINE_string("prompt", None, "one-shot mode: the question")
+flags.DEFINE_multi_string("image", [], "one-shot mode: image file(s)")
+flags.DEFINE_string("video", None, "one-shot mode: a video file")
+flags.DEFINE_boolean("thinking", False, "use the thinking-mode system prompt")
+flags.DEFINE_integer("port", None, "start the HTTP server on this port")
+flags.DEFINE_string("host", "127.0.0.1", "server address")
+flags.DEFINE_integer("max_batch", 8, "server: rows of the running decode batch")
+flags.DEFINE_integer("max_len", 4096, "server: context length (prompt + answer) per request")
+flags.DEFINE_integer("max_new_tokens", 512, "answer length limit")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+flags.DEFINE_integer("top_k", 0, "0 = off")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and weight dtype")
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  model = ij.from_pretrained(f.checkpoint, dtype=jnp.dtype(f.dtype))
+  processor = ij.Processor.from_pretrained(f.checkpoint)
+  if f.port is not None:
+    import uvicorn
+    from internvl_jax.server import make_app
+    uvicorn.run(make_app(model, processor, model_name=f.checkpoint.rstrip("/").split("/")[-1], max_batch=f.max_batch,
+                         max_len=f.max_len, max_tokens=f.max_new_tokens), host=f.host, port=f.port)
+    return
+  if f.prompt is None:
+    sys.exit("serve.py: give --prompt (one-shot) or --port (server)")
+  printed = [0]
+
+  def show(text):
+    sys.stdout.write(text[printed[0]:])
+    sys.stdout.flush()
+    printed[0] = len(text)
+
+  ij.chat(model, processor, f.prompt, images=f.image or None, video=f.video, thinking=f.thinking,
+          max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, stream=show)
+  sys.stdout.write("\n")
+
+
 if __name__ == "__main__":
-  sys.exit("serve.py: not yet available")
+  app.run(main)

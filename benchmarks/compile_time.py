@@ -7,6 +7,13 @@ Lowers and compiles `forward` for an InternVL3.5-1B-shaped model at several dept
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# This folder comes first on sys.path when a script here runs, and benchmarks/kernels.py would shadow the
+# kernels package.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import argparse
 import dataclasses
 import time

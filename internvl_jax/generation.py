@@ -49,22 +49,34 @@ def init_cache(cfg, batch: int, length: int):
 
 
 def sample(logits, key, seen, temperature, top_k, top_p, penalty):
-  """logits [b, V] float32; per-row settings [b]; seen [b, V] tokens already in the sequence."""
-  logits = jnp.where(seen & (penalty[:, None] != 1.0),
-                     jnp.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None]), logits)
-  greedy = jnp.argmax(logits, axis=-1)
-  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-  kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)[:, None], axis=-1)
-  scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
-  # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p (at least one token)
-  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(ordered, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs
-  cutoff = jnp.min(jnp.where(before < top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
-  scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
-  drawn = jax.random.categorical(key, scaled, axis=-1)
-  return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+  """logits [b, V] float32; per-row settings [b]; seen [b, V] tokens already in the sequence.
+
+  The sorts that top-k / top-p need over the whole vocabulary cost more than a decode step's matmuls on
+  a CPU, so they run (lax.cond) only when some row samples with such a filter; greedy rows take argmax.
+  """
+  logits = jax.lax.cond(jnp.any(penalty != 1.0), lambda x: jnp.where(
+      seen & (penalty[:, None] != 1.0), jnp.where(x > 0, x / penalty[:, None], x * penalty[:, None]), x),
+                        lambda x: x, logits)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def filtered(scaled):
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+    kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)[:, None], axis=-1)
+    scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
+    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p (at least one token)
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(before < top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled < cutoff, -jnp.inf, scaled)
+
+  def sampled(x):
+    scaled = x / jnp.maximum(temperature, 1e-6)[:, None]
+    scaled = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda y: y, scaled)
+    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda x: greedy, logits)
 
 
 class Engine:
@@ -106,8 +118,7 @@ class Engine:
 
   def _insert_impl(self, cache, one, row):
     """Copy a one-row cache (a prefilled request) into row `row` of the batch cache."""
-    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small[:, :big.shape[1]].astype(big.dtype),
-                                                                row, axis=0)
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), row, axis=0)
     return jax.tree.map(put, cache, one)
 
   # ------------------------------------------------------------------------------- host side
