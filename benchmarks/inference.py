@@ -63,11 +63,11 @@ def ours(cfg, prompt, pixels, steps, batches):
     seen = jnp.zeros((bb, cfg.text.vocab_size), bool)
     active, key = jnp.ones((bb,), bool), jax.random.key(0)
     tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-    tokens, cache, seen = engine.decode(state, tokens, cache, seen, active, key, settings)  # compile
+    tokens, cache, seen = engine.decode(state, tokens, cache, seen, active, key, settings, 128)  # compile
     jax.block_until_ready(tokens)
     t0 = time.perf_counter()
-    for _ in range(steps):
-      tokens, cache, seen = engine.decode(state, tokens, cache, seen, active, key, settings)
+    for i in range(steps):
+      tokens, cache, seen = engine.decode(state, tokens, cache, seen, active, key, settings, 129 + i)
     jax.block_until_ready(tokens)
     decode[b] = steps * b / (time.perf_counter() - t0)
   return compile_s, prefill, decode

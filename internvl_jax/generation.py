@@ -5,7 +5,9 @@ Shapes are bucketed so a long-running process compiles a bounded set of programs
 tile counts round up to powers of two (at least 16 tokens / 1 tile), batch sizes to powers of two, cache
 lengths to powers of two covering prompt + new tokens. A process that sees prompts up to L tokens, up to
 T tiles, batches up to B and caches up to C compiles at most log2(L/16)+1 x log2(T)+1 x log2(B)+1
-prefill programs and log2(C/16)+1 x log2(B)+1 decode programs (one per bucket combination it meets).
+prefill programs and log2(C/16)+1 x log2(B)+1 x log2(C/64)+1 decode programs (cache length, batch, and the
+span of slots attention reads, a power of two >= 64 covering the longest active row), one per combination
+it meets.
 
 Each row's prompt sits at cache slots 0..len-1 (padding after it is marked invalid and overwritten as the
 row grows), so rows of different lengths decode side by side at their own positions, and a server can
@@ -39,10 +41,10 @@ class Sampling:
 
 
 def init_cache(cfg, batch: int, length: int):
-  """An empty KV cache: per-layer keys and values [batch, length, kv_heads, head_dim], slot validity, and
+  """An empty KV cache: per-layer keys and values [batch, kv_heads, length, head_dim], slot validity, and
   each row's next write slot."""
   t = cfg.text
-  shape = (batch, length, t.num_kv_heads, t.head_dim)
+  shape = (batch, t.num_kv_heads, length, t.head_dim)
   zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(t.num_layers))
   return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, length), bool),
           "index": jnp.zeros((batch,), jnp.int32)}
@@ -87,7 +89,7 @@ class Engine:
     self.cfg = model.cfg
     self.graphdef = nnx.graphdef(model)
     self._prefill = jax.jit(self._prefill_impl, donate_argnums=(4,))
-    self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3))
+    self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("span",))
     self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
 
   # ------------------------------------------------------------------------------- jitted programs
@@ -102,16 +104,17 @@ class Engine:
                                     check=False)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
-    logits, _, cache = lm(embeds, positions, mask.astype(jnp.int32), cache=cache, logits_at=last)
+    logits, _, cache = lm(embeds, positions, mask.astype(jnp.int32), cache=cache, logits_at=last,
+                          span=min(ids.shape[1], cache["valid"].shape[1]))
     return logits[:, 0].astype(jnp.float32), cache
 
-  def _decode_impl(self, state, tokens, cache, seen, active, key, settings):
+  def _decode_impl(self, state, tokens, cache, seen, active, key, settings, span):
     model = nnx.merge(self.graphdef, state)
     lm = model.language_model
     embeds = lm.embed(tokens[:, None])
     positions = cache["index"][:, None]
     logits, _, cache = lm(embeds, positions, active[:, None].astype(jnp.int32), cache=cache,
-                          logits_at=jnp.zeros_like(tokens))
+                          logits_at=jnp.zeros_like(tokens), span=span)
     nxt = sample(logits[:, 0].astype(jnp.float32), key, seen, *settings)
     seen = seen.at[jnp.arange(tokens.shape[0]), nxt].set(True)
     return nxt, cache, seen
@@ -145,8 +148,11 @@ class Engine:
     logits, cache = self._prefill(state, jnp.asarray(ids), jnp.asarray(mask), pixels, cache)
     return logits, cache, b
 
-  def decode(self, state, tokens, cache, seen, active, key, settings):
-    return self._decode(state, tokens, cache, seen, active, key, settings)
+  def decode(self, state, tokens, cache, seen, active, key, settings, longest: int):
+    """One token for every row; `longest` = the largest cache index of an active row before this step
+    (the host knows it), rounded up to a bucket so attention reads only the slots in use."""
+    span = min(cache["valid"].shape[1], bucket(longest + 1, 64))
+    return self._decode(state, tokens, cache, seen, active, key, settings, span=span)
 
   def insert(self, cache, one, row: int):
     return self._insert(cache, one, jnp.int32(row))
@@ -212,7 +218,8 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
     if step == max_new_tokens - 1 or not active.any():
       break
     key, sub = jax.random.split(key)
-    tokens, cache, seen = engine.decode(state, tokens, cache, seen, jnp.asarray(active), sub, settings)
+    longest = max(len(r) for r in rows) + step + 1
+    tokens, cache, seen = engine.decode(state, tokens, cache, seen, jnp.asarray(active), sub, settings, longest)
   return out
 
 

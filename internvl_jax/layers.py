@@ -117,6 +117,17 @@ def masked_attention(q, k, v, mask=None, scale: float | None = None):
   return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
+def cached_attention(q, k_cache, v_cache, mask):
+  """Attention of new queries q [b, t, n, h] over a KV cache [b, kv, S, h] with mask [b, t, S]."""
+  b, t, n, h = q.shape
+  kv = k_cache.shape[1]
+  qg = q.reshape(b, t, kv, n // kv, h)
+  logits = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, None, None, :, :], logits / math.sqrt(h), NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache.astype(q.dtype)).reshape(b, t, n, h)
+
+
 def xla_attention(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None):
   """Causal or bidirectional attention in XLA. With segment_ids [b, t] (t == s), tokens attend within
   their segment and segment 0 (padding) is never attended to."""

@@ -17,7 +17,7 @@ from flax import nnx
 
 from internvl_jax.config import TextConfig
 from internvl_jax import dispatch
-from internvl_jax.layers import RMSNorm, call_layer, masked_attention, param, rope
+from internvl_jax.layers import RMSNorm, call_layer, cached_attention, param, rope
 from internvl_jax.moe import MoE, load_balancing_loss
 from internvl_jax.sharding import constrain
 
@@ -59,11 +59,12 @@ class Attention(nnx.Module):
       out = dispatch.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.impl,
                                interpret=self.interpret)
       return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
-    k_cache, v_cache = kv
+    k_cache, v_cache = kv  # [b, kv, S, h]: heads before slots, so the attention dots need no transpose
     rows, slots = cache["rows"], cache["slots"]
-    k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype))
-    v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype))
-    out = masked_attention(q, k_cache.astype(dt), v_cache.astype(dt), cache["mask"])
+    k_cache = k_cache.at[rows, :, slots].set(k.astype(k_cache.dtype))
+    v_cache = v_cache.at[rows, :, slots].set(v.astype(v_cache.dtype))
+    span = cache["span"]  # attend over the first `span` slots only: all that can be valid yet
+    out = cached_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], cache["mask"][:, :, :span])
     return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt)), (k_cache, v_cache)
 
 
@@ -143,18 +144,19 @@ class Qwen3Decoder(nnx.Module):
   def embed(self, input_ids):
     return self.embed_tokens[...][input_ids].astype(self.dtype)
 
-  def __call__(self, x, positions, segment_ids, cache=None, logits_at=None):
+  def __call__(self, x, positions, segment_ids, cache=None, logits_at=None, span=None):
     """x: input embeddings [b, t, d]; positions [b, t]; segment_ids [b, t] (0 = padding).
 
-    cache (generation, see generation.py): {'k', 'v': per-layer [b, S, kv, h], 'valid' [b, S], 'index' [b]};
+    cache (generation, see generation.py): {'k', 'v': per-layer [b, kv, S, h], 'valid' [b, S], 'index' [b]};
     the t tokens go to slots index..index+t-1, and the updated cache is returned as a third result.
     logits_at [b]: compute logits only at these positions ([b, 1, vocab]), as generation needs.
+    span (static): attention reads only cache slots [0, span), which must hold every valid slot.
     """
     if self.cfg.arch == "gpt_oss":
       raise NotImplementedError("the GPT-OSS decoder (InternVL3.5-20B-A4B) forward pass is not implemented yet")
     x = constrain(x.astype(self.dtype), ("batch", "length", None))
     stats, new_k, new_v = [], [], []
-    meta = None if cache is None else cache_view(cache, segment_ids)
+    meta = None if cache is None else cache_view(cache, segment_ids, span)
     for i, layer in enumerate(self.layers):
       if cache is None:
         x, s = call_layer(layer, self.remat, x, positions, segment_ids)
@@ -180,7 +182,7 @@ class Qwen3Decoder(nnx.Module):
                          "index": cache["index"] + written}
 
 
-def cache_view(cache, segment_ids):
+def cache_view(cache, segment_ids, span=None):
   """Where t new tokens go in the cache and what each may attend to: slots index..index+t-1 (rows, slots
   [b, t] for the scatter), the cache's validity after writing (padding stays invalid), and the mask
   [b, t, S]: valid slots at or before the query's own slot."""
@@ -190,4 +192,4 @@ def cache_view(cache, segment_ids):
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
   valid = cache["valid"].at[rows, slots].set(segment_ids != 0)
   mask = valid[:, None, :] & (jnp.arange(size)[None, None, :] <= slots[:, :, None])
-  return {"rows": rows, "slots": slots, "valid": valid, "mask": mask}
+  return {"rows": rows, "slots": slots, "valid": valid, "mask": mask, "span": span or size}

@@ -113,9 +113,10 @@ class Batcher:
       if not active.any():
         continue
       self.key, sub = jax.random.split(self.key)
+      longest = max(len(s.ids) + len(s.tokens) for s in slots if s is not None)
       try:
         tokens, cache, seen = self.engine.decode(self.state, tokens, cache, seen, jnp.asarray(active), sub,
-                                                 settings_arrays(samplings, b))
+                                                 settings_arrays(samplings, b), longest)
         host = np.asarray(tokens)
       except Exception as e:  # fail the running requests, keep serving new ones
         for row in np.flatnonzero(active):

@@ -169,3 +169,20 @@ def test_cancelled_request_leaves_the_batch(served):
   req = asyncio.run(run())
   assert all(r is not req for r in batcher.slots)
   assert len(req.tokens) < MAX_LEN - 100
+
+
+def test_serve_py_one_shot_streams_the_chat_answer(ckpt_dir, tmp_path):
+  import shutil
+  import subprocess
+  import sys
+  from internvl_jax.checkpoint import load_config
+  model = ij.init_model(load_config(str(ckpt_dir))[0], seed=2)
+  ij.save_pretrained(model, str(tmp_path), layout="original")
+  shutil.copy(ckpt_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+  image = tmp_path / "cat.png"
+  IMAGE.save(image)
+  want = ij.chat(ij.from_pretrained(str(tmp_path)), ij.Processor.from_pretrained(str(tmp_path)), "What is this?",
+                 images=[str(image)], max_new_tokens=6)
+  out = subprocess.run([sys.executable, "serve.py", f"--checkpoint={tmp_path}", f"--image={image}",
+                        "--prompt=What is this?", "--max_new_tokens=6"], check=True, capture_output=True, text=True)
+  assert out.stdout.strip() == want
