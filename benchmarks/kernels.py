@@ -3,8 +3,9 @@
 Attention (causal, bf16 on accelerators): XLA reference, our Pallas kernel, and cuDNN through
 `jax.nn.dot_product_attention` on GPU; grouped matmul: `jax.lax.ragged_dot` vs our Pallas gmm on the
 Qwen3-30B-A3B expert shapes (128 experts, hidden 2048, expert width 768, top-8). Forward and
-forward+backward; prints milliseconds, ratio to XLA and achieved TFLOP/s against this device's measured
-matmul peak. On the CPU only the XLA paths run, at small sizes, so CI exercises the script.
+forward+backward; prints milliseconds, ratio to XLA (and, for attention, to cuDNN: n/a without a GPU) and
+achieved TFLOP/s against this device's measured matmul peak. On the CPU only the XLA paths run, at small
+sizes, so CI exercises the script.
 
   python benchmarks/kernels.py [--seq 4096] [--batch 1] [--heads 32] [--kv-heads 8] [--tokens 8192]
 """
@@ -41,9 +42,18 @@ def matmul_peak(dtype, n: int) -> float:
   return 2 * n ** 3 / bench(jax.jit(lambda a: a @ a), a)
 
 
-def row(name, seconds, flops, base, peak):
-  print(f"  {name:34s} {seconds * 1e3:9.2f} ms  {base / seconds:6.2f}x XLA  {flops / seconds / 1e12:7.2f} TFLOP/s "
-        f"({flops / seconds / peak:5.1%} of peak)")
+def table(label, times, flops, peak, cudnn=False):
+  """One row per implementation; the first is the XLA baseline. `cudnn` adds the ratio to cuDNN's time
+  (the attention goal is stated against it), n/a where cuDNN did not run."""
+  print(f" {label}")
+  base, ref = next(iter(times.values())), times.get(CUDNN)
+  for name, seconds in times.items():
+    vs_cudnn = "" if not cudnn else f"{ref / seconds:6.2f}x cuDNN  " if ref else "   n/a x cuDNN  "
+    print(f"  {name:36s} {seconds * 1e3:9.2f} ms  {base / seconds:6.2f}x XLA  {vs_cudnn}"
+          f"{flops / seconds / 1e12:7.2f} TFLOP/s ({flops / seconds / peak:5.1%} of peak)")
+
+
+CUDNN = "cuDNN (jax.nn.dot_product_attention)"
 
 
 def main():
@@ -77,19 +87,14 @@ def main():
   if on_accel:
     impls["Pallas flash attention"] = lambda q, k, v: kernels.flash_attention(q, k, v, causal=True)
   if platform in ("gpu", "cuda"):
-    impls["cuDNN (jax.nn.dot_product_attention)"] = lambda q, k, v: jax.nn.dot_product_attention(
+    impls[CUDNN] = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn")
   print(f"\nattention: batch {b}, seq {t}, heads {n}/{kv}, head_dim {d}, causal")
   for label, flops, make in (("forward", fwd_flops, lambda f: jax.jit(f)),
                              ("forward+backward", 3.5 * fwd_flops,
                               lambda f: jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)),
                                                          (0, 1, 2))))):
-    print(f" {label}")
-    base = None
-    for name, f in impls.items():
-      seconds = bench(make(f), q, k, v)
-      base = base or seconds
-      row(name, seconds, flops, base, peak)
+    table(label, {name: bench(make(f), q, k, v) for name, f in impls.items()}, flops, peak, cudnn=True)
 
   experts, hidden, width, top_k = args.experts, args.hidden, args.width, args.top_k
   m = args.tokens * top_k
@@ -104,12 +109,7 @@ def main():
   for label, flops, make in (("forward", 2 * m * hidden * width, jax.jit),
                              ("forward+backward", 6 * m * hidden * width,
                               lambda f: jax.jit(jax.grad(lambda l, r: jnp.sum(f(l, r).astype(jnp.float32)), (0, 1))))):
-    print(f" {label}")
-    base = None
-    for name, f in impls.items():
-      seconds = bench(make(f), lhs, rhs)
-      base = base or seconds
-      row(name, seconds, flops, base, peak)
+    table(label, {name: bench(make(f), lhs, rhs) for name, f in impls.items()}, flops, peak)
 
 
 if __name__ == "__main__":

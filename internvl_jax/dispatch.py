@@ -4,8 +4,12 @@
 the CPU; 'xla' and 'pallas' force one; 'cudnn' (attention only) calls `jax.nn.dot_product_attention`'s cuDNN
 path. Asking for a kernel the platform cannot run is an error, except with `pallas_interpret` ('tpu' or
 'gpu'), which runs that backend's kernels in interpret mode anywhere. Under a Mesh (`jax.set_mesh`) the
-Pallas kernels run per shard through `shard_map`: batch over the batch axes, heads over 'tensor' when both
-query and kv heads divide it; MoE tokens over the batch axes with the experts gathered.
+Pallas kernels run per shard through `shard_map`. Attention: batch over the batch axes, heads over 'tensor'
+when both query and kv heads divide it. MoE (`moe_per_shard`): the whole routed-expert block (sort by expert,
+the three gmm calls, scatter back) runs per token shard, tokens split over the batch axes so each shard
+counts its own groups, while the expert weights enter with `P()`: all-gathered whole onto every shard, each
+running gmm against all experts ('tensor' shards repeat the same work). With `moe_impl='xla'` ragged_dot is
+left to GSPMD.
 """
 from __future__ import annotations
 

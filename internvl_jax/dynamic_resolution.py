@@ -75,7 +75,8 @@ def load_image(source, *, name: str | None = None) -> Image.Image:
 
 
 def jpeg_reencode(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-  """Training augmentation: re-encode as JPEG at a quality drawn uniformly from 75..100."""
+  """Training augmentation: re-encode as JPEG at a quality drawn uniformly from 75..100. The processor
+  applies it to each tile after tiling, as the official per-tile `build_transform` does."""
   buffer = io.BytesIO()
   image.save(buffer, format="JPEG", quality=int(rng.integers(75, 101)))
   return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")

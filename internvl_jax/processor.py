@@ -5,6 +5,8 @@ Messages are `{'role': 'system'|'user'|'assistant', 'content': ...}` or InternVL
 `{'from': 'system'|'human'|'gpt', 'value': ...}`. Content is a string with `<image>` / `<video>`
 placeholders filled in order from `images=` / `videos=`, or a list of parts `{'type': 'text', 'text': ...}`,
 `{'type': 'image', 'image': PIL | path | bytes | array}`, `{'type': 'video', 'video': path | [frames]}`.
+The image markers `<img>`, `</img>` and `<IMG_CONTEXT>` may not appear in message text: the processor
+alone writes them, and the model pairs each `<IMG_CONTEXT>` with an image feature.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import numpy as np
 
 from internvl_jax import dynamic_resolution as dr
 from internvl_jax import video as video_lib
-from internvl_jax.conversation import THINKING_SYSTEM, get_template, image_tokens
+from internvl_jax.conversation import IMG_CONTEXT, IMG_END, IMG_START, THINKING_SYSTEM, get_template, image_tokens
 from internvl_jax.tokenizer import Tokenizer
 
 IGNORE = -100
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 _PLACEHOLDER = re.compile(r"<image>|<video>")
+_MARKERS = re.compile("|".join(re.escape(t) for t in (IMG_CONTEXT, IMG_START, IMG_END)))
 
 
 def loss_weights(labels: np.ndarray) -> np.ndarray:
@@ -32,12 +35,26 @@ def loss_weights(labels: np.ndarray) -> np.ndarray:
 
 
 class Processor:
+  """Chat messages with images and videos -> model inputs (see the module docstring for the formats).
+
+  At inference, images/videos given without any `<image>`/`<video>` placeholder are put in front of the
+  first user message, as the official `chat()` does. Training samples (train=True) must carry their
+  placeholders in the text, as the official data does: nothing is inserted, and a count that does not match
+  the images/videos given is an error.
+
+  Training videos take `num_frames` frames when given, else a number drawn from min_num_frames..max_num_frames
+  (inclusive; the official defaults 8 and 32), sampled by `sample` ('rand' or 'middle').
+  """
 
   def __init__(self, tokenizer: Tokenizer, *, tokens_per_tile: int = 256, tile_size: int = 448, min_tiles: int = 1,
-               max_tiles: int = 12, use_thumbnail: bool = True, template: str = "internvl2_5"):
+               max_tiles: int = 12, use_thumbnail: bool = True, template: str = "internvl2_5",
+               min_num_frames: int = 8, max_num_frames: int = 32):
+    if not 1 <= min_num_frames <= max_num_frames:
+      raise ValueError(f"need 1 <= min_num_frames <= max_num_frames, got {min_num_frames}, {max_num_frames}")
     self.tokenizer, self.template = tokenizer, get_template(template)
     self.tokens_per_tile, self.tile_size = tokens_per_tile, tile_size
     self.min_tiles, self.max_tiles, self.use_thumbnail = min_tiles, max_tiles, use_thumbnail
+    self.min_num_frames, self.max_num_frames = min_num_frames, max_num_frames
 
   @classmethod
   def from_pretrained(cls, path: str, **overrides) -> "Processor":
@@ -64,6 +81,12 @@ class Processor:
       if role is None:
         raise ValueError(f"message {i}: unknown role {m.get('role', m.get('from'))!r}")
       content = m.get("content", m.get("value"))
+      texts = ([p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+               if isinstance(content, list) else [content] if isinstance(content, str) else [])
+      for t in texts:
+        if marker := _MARKERS.search(t):
+          raise ValueError(f"message {i}: the text holds {marker.group()!r}, which only the processor may write "
+                           "(it would break the image-token count); use <image>/<video> placeholders")
       if isinstance(content, list):
         text = ""
         for part in content:
@@ -111,12 +134,13 @@ class Processor:
 
   # ------------------------------------------------------------------------------------ visuals
 
-  def _frames(self, source, train, rng, num_segments, num_frames):
+  def _frames(self, source, train, rng, num_segments, num_frames, sample):
     if not isinstance(source, (str, os.PathLike)):
       return [dr.load_image(f, name=f"video frame {k}") for k, f in enumerate(source)]
     if train:
-      length = video_lib.count_frames(source)
-      return video_lib.read_frames(source, video_lib.training_indices(num_frames or num_segments, length, "rand", rng))
+      # The official reader draws the frame count per video, randint(min_num_frame, max_num_frame).
+      n = num_frames or int(rng.integers(self.min_num_frames, self.max_num_frames + 1))
+      return video_lib.training_frames(source, n, sample, rng)
     return video_lib.load_video(source, num_segments)
 
   # ------------------------------------------------------------------------------------ main
@@ -124,13 +148,29 @@ class Processor:
   def __call__(self, messages, images=None, videos=None, *, train: bool = False, system: str | None = None,
                thinking: bool = False, add_generation_prompt: bool | None = None, max_length: int | None = None,
                rng: np.random.Generator | None = None, num_segments: int = 32, num_frames: int | None = None,
-               jpeg_augment: bool = False) -> dict:
+               sample: str = "rand", jpeg_augment: bool = False) -> dict:
     """One sample -> dict of numpy arrays: input_ids [L] int32, attention_mask [L] int32, pixel_values
     [tiles, S, S, 3] float32 or None, num_tiles [images + frames]; with train=True also labels [L] (-100 =
-    ignored) and loss_weights [L]. Raises ValueError naming the message or file at fault."""
+    ignored) and loss_weights [L]. Raises ValueError naming the message or file at fault.
+
+    system: replaces the template's default system message (and a leading system message). thinking: use
+    the thinking-mode system prompt; it is an error together with `system=` or a system message, since one
+    of the two would have to be dropped silently. Videos: `num_segments` midpoint frames at inference;
+    in training `num_frames` (or a drawn number, see the class docstring) frames by `sample` ('rand' or
+    'middle'). jpeg_augment: re-encode every tile (and video frame) as JPEG at a random quality 75..100,
+    as the official training transform does per tile."""
     rng = rng or np.random.default_rng()
+    if sample not in ("rand", "middle"):
+      raise ValueError(f"unknown frame sampling {sample!r} (expected 'rand' or 'middle')")
+    if system is not None and (marker := _MARKERS.search(system)):
+      raise ValueError(f"system= holds {marker.group()!r}, which only the processor may write")
     messages, items = self._place(*self._normalise(messages), images, videos, train)
     if thinking:
+      if system is not None:
+        raise ValueError("thinking=True sets the system prompt; it cannot be combined with system=")
+      if messages and messages[0]["role"] == "system":
+        raise ValueError("thinking=True sets the system prompt; it cannot be combined with a system message "
+                         "(message 0)")
       system = THINKING_SYSTEM
     # Images get max_tiles // number of images tiles each; video frames one tile each.
     per_image = max(1, self.max_tiles // max(1, sum(k == "image" for _, k, _ in items)))
@@ -138,10 +178,10 @@ class Processor:
 
     def image_text(source, where, max_tiles):
       image = dr.load_image(source, name=source if isinstance(source, (str, os.PathLike)) else where)
-      if jpeg_augment:
-        image = dr.jpeg_reencode(image, rng)
       crops = dr.crop_tiles(image, min_tiles=min(self.min_tiles, max_tiles), max_tiles=max_tiles,
                             tile_size=self.tile_size, use_thumbnail=self.use_thumbnail)
+      if jpeg_augment:  # per tile, each at its own quality: the official build_transform runs on tiles
+        crops = [dr.jpeg_reencode(c, rng) for c in crops]
       tiles.append(dr.normalize(crops))
       counts.append(len(crops))
       return image_tokens(len(crops), self.tokens_per_tile)
@@ -150,7 +190,7 @@ class Processor:
       i, kind, source = next(sources)
       if kind == "image":
         return image_text(source, f"message {i}", per_image)
-      frames = self._frames(source, train, rng, num_segments, num_frames)
+      frames = self._frames(source, train, rng, num_segments, num_frames, sample)
       names = _PLACEHOLDER.sub("{}", video_lib.frame_prompt(len(frames), training=train)).split("{}")
       return "".join(head + image_text(f, f"message {i}, video frame {j}", 1)
                      for j, (head, f) in enumerate(zip(names, frames))) + names[-1]

@@ -1,8 +1,9 @@
 """Pallas kernels for TPU (Mosaic) and GPU (Triton), each beside a pure-JAX reference.
 
-  flash_attention(q, k, v, *, causal, segment_ids=None, sliding_window=None, sinks=None, scale=None,
-                  backend='auto', interpret=False)      -> kernels/flash_attention.py
-  gmm(lhs, rhs, group_sizes, *, backend='auto', interpret=False)   -> kernels/gmm.py
+  flash_attention(q, k, v, *, causal, segment_ids=None, kv_segment_ids=None, sliding_window=None, sinks=None,
+                  scale=None, backend='auto', interpret=False, block_sizes=None)   -> kernels/flash_attention.py
+  gmm(lhs, rhs, group_sizes, *, backend='auto', interpret=False, block_sizes=None,
+      preferred_element_type=None)   -> kernels/gmm.py (and tgmm, its weight gradient)
 
 backend: 'auto' (the kernel of this platform; the reference on the CPU), 'tpu', 'gpu' or 'reference'.
 `interpret=True` runs a Pallas kernel on any device (tests). The model chooses between these and XLA in

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +32,14 @@ NEG = -1e30  # finite "minus infinity": exp(NEG - m) underflows to 0 without inf
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Query/key block lengths of the forward and backward kernels (powers of two for Triton; multiples of
-  128 for the key axis on real TPUs)."""
+  """Query/key block lengths of the forward and backward kernels: upper bounds, shrunk to fit short
+  sequences. Triton needs powers of two >= 16; Mosaic multiples of 8, and compiled TPU calls round a key
+  block that does not cover the whole key length up to a multiple of 128 (see `_blocks`)."""
 
   block_q: int = 128
   block_kv: int = 128
-  block_q_bwd: int = 64
-  block_kv_bwd: int = 64
+  block_q_bwd: int = 128
+  block_kv_bwd: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +141,7 @@ def reference_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_i
   scale = 1.0 / math.sqrt(d) if scale is None else scale
   static = Static(causal, sliding_window, scale, t, s, "reference", False, BlockSizes(), segment_ids is not None,
                   sinks is not None)
-  q_seg, k_seg = _segments(segment_ids, kv_segment_ids, t, s)
+  q_seg, k_seg = _segments(segment_ids, kv_segment_ids, b, t, s)
   mask = block_mask(static, jnp.arange(t)[:, None], jnp.arange(s)[None, :],
                     None if q_seg is None else q_seg[:, :, None], None if k_seg is None else k_seg[:, None, :])
   mask = jnp.broadcast_to(mask, (b, t, s))[:, None, None]  # [b, 1, 1, t, s]
@@ -159,16 +161,45 @@ def reference_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_i
   return out.reshape(b, t, n, d).astype(q.dtype)
 
 
-def _segments(segment_ids, kv_segment_ids, t, s):
+def _segments(segment_ids, kv_segment_ids, b, t, s):
   if segment_ids is None:
     if kv_segment_ids is not None:
       raise ValueError("kv_segment_ids given without segment_ids")
     return None, None
+  if segment_ids.shape != (b, t):
+    raise ValueError(f"segment_ids must be [batch, seq_q] = {(b, t)}, got {segment_ids.shape}")
   if kv_segment_ids is None:
     if t != s:
       raise ValueError(f"segment_ids alone needs seq_q == seq_kv, got {t} and {s}; pass kv_segment_ids")
     kv_segment_ids = segment_ids
+  if kv_segment_ids.shape != (b, s):
+    raise ValueError(f"kv_segment_ids must be [batch, seq_kv] = {(b, s)}, got {kv_segment_ids.shape}")
   return segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+
+
+def _window(window):
+  """A positive Python int (it is static: part of the kernels' masks), or None."""
+  if window is None:
+    return None
+  try:
+    ok = not isinstance(window, bool) and operator.index(window) > 0
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"sliding_window must be a positive int, got {window!r}")
+  return int(window)
+
+
+def _check_kernel(blocks: BlockSizes, backend: str, d: int, interpret: bool):
+  sizes = dataclasses.astuple(blocks)
+  if backend == "gpu":  # Triton arrays have power-of-two shapes and its dots need dimensions >= 16
+    if d & (d - 1) or (d < 16 and not interpret):
+      raise ValueError(f"the gpu backend needs a power-of-two head_dim (Triton block shapes; >= 16 when "
+                       f"compiled, for its dots), got {d}")
+    if any(x < 16 or x & (x - 1) for x in sizes):
+      raise ValueError(f"gpu block sizes must be powers of two >= 16, got {blocks}")
+  elif any(x < 8 or x % 8 for x in sizes):  # Mosaic tiles the sequence axis of a block by 8
+    raise ValueError(f"tpu block sizes must be multiples of 8, got {blocks}")
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -182,14 +213,17 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_ids=N
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need k == v shapes [b, s, kv, d] with n % kv == 0")
   if sinks is not None and sinks.shape != (n,):
     raise ValueError(f"sinks must be [{n}] (one logit per query head), got {sinks.shape}")
+  sliding_window = _window(sliding_window)
   backend = resolve_backend(backend)
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
   if backend == "reference":
     return reference_attention(q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                sliding_window=sliding_window, sinks=sinks, scale=scale)
   check_runnable(backend, interpret, "attention")
-  q_seg, k_seg = _segments(segment_ids, kv_segment_ids, t, k.shape[1])
-  static = Static(causal, sliding_window, scale, t, k.shape[1], backend, interpret, block_sizes or BlockSizes(),
+  block_sizes = block_sizes or BlockSizes()
+  _check_kernel(block_sizes, backend, d, interpret)
+  q_seg, k_seg = _segments(segment_ids, kv_segment_ids, b, t, k.shape[1])
+  static = Static(causal, sliding_window, scale, t, k.shape[1], backend, interpret, block_sizes,
                   q_seg is not None, sinks is not None)
   return _flash(q, k, v, q_seg, k_seg, sinks, static)
 
@@ -223,11 +257,18 @@ def _prepare(q, k, v, q_seg, k_seg, static: Static, block_q: int, block_kv: int)
 
 
 def _blocks(static: Static, backward: bool):
+  """(query block, key block) of a call."""
   bq = static.blocks.block_q_bwd if backward else static.blocks.block_q
   bk = static.blocks.block_kv_bwd if backward else static.blocks.block_kv
-  # Never larger than the (padded) sequences need: tiny test shapes stay one block.
-  bq = min(bq, max(8, pl_next_pow2(static.t)))
-  bk = min(bk, max(8, pl_next_pow2(static.s)))
+  # Never larger than the (padded) sequences need, so short ones stay one block; Triton's dots need >= 16.
+  floor = 16 if static.backend == "gpu" else 8
+  bq = min(bq, max(floor, pl_next_pow2(static.t)))
+  bk = min(bk, max(floor, pl_next_pow2(static.s)))
+  if static.backend == "tpu" and not static.interpret and bk < static.s and bk % 128:
+    # Mosaic wants the last two dims of a block in multiples of (8, 128) or whole: the key-side segment
+    # ids ([b, 1, s]) put the key axis last, so a key block must be a multiple of 128 or all the keys.
+    # Interpret mode has no such rule, which lets the tests run several small key blocks.
+    bk = -(-bk // 128) * 128
   return bq, bk
 
 

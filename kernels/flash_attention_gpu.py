@@ -122,10 +122,13 @@ def backward(q, k, v, do, lse, delta, q_seg, k_seg, static, bq, bk):
     k_idx = j * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     ks = ks_ref[...] if has_seg else None
     lower, upper = q_block_range(static, j * bk, bk, bq, nq)
+    # Bidirectional without a window both bounds are Python ints, and Triton cannot lower `step % span`
+    # against such a constant: keep the span a traced int32.
+    span = jnp.maximum(jnp.asarray(upper - lower, jnp.int32), 0)
 
     def body(step, carry):
       dk, dv = carry
-      gi, i = step // (upper - lower), lower + step % (upper - lower)
+      gi, i = step // span, lower + step % span
       rows = pl.ds(i * bq, bq)
       qb, dob = q_ref[gi, rows, :], do_ref[gi, rows, :]
       q_idx = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
@@ -139,7 +142,7 @@ def backward(q, k, v, do, lse, delta, q_seg, k_seg, static, bq, bk):
       return dk, dv
 
     zeros = jnp.zeros((bk, d), jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, g * jnp.maximum(upper - lower, 0), body, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(0, g * span, body, (zeros, zeros))
     dk_ref[...] = (dk * static.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 

@@ -1,6 +1,7 @@
 """Flash attention for TPUs in Pallas Mosaic. Key (or query) blocks stream along the last grid axes, so
-only one block of each operand sits in VMEM; running statistics live in VMEM scratch across those
-"arbitrary" axes. Blocks outside the causal / window band are skipped with `pl.when`. Layout
+only one (double-buffered) block of each operand sits in VMEM; running statistics live in VMEM scratch
+across those "arbitrary" axes. Blocks outside the causal / window band are skipped with `pl.when`, and
+their index maps are clamped into the band so the pipeline does not copy them in. Layout
 [b, heads, seq, d], padded to whole blocks by the caller (flash_attention.py), which owns the math."""
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def _params(*semantics):
 
 def _iota(rows, cols, axis, start):
   return start + jax.lax.broadcasted_iota(jnp.int32, (rows, cols), axis)
+
+
+def _clamp(static, idx, lower, upper):
+  """A streamed block index pulled into [lower, upper): skipped steps then repeat the index of a block
+  already in VMEM, and the pipeline issues no copy for a repeated index."""
+  if not static.causal and static.window is None:
+    return idx  # every block is visited
+  return jnp.minimum(jnp.maximum(idx, lower), jnp.maximum(upper - 1, 0))
+
+
+def _kv_index(static, bq, bk, nk):
+  """Index of the key block at grid step (i, j), clamped to the blocks query block i can see."""
+  return lambda i, j: _clamp(static, j, *kv_block_range(static, i * bq, bq, bk, nk))
 
 
 def forward(q, k, v, q_seg, k_seg, sinks, static, bq, bk):
@@ -61,13 +75,14 @@ def forward(q, k, v, q_seg, k_seg, sinks, static, bq, bk):
       o_ref[...] = out.astype(o_ref.dtype)
       lse_ref[...] = lse
 
+  kv_idx = _kv_index(static, bq, bk, nk)
   in_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, h, i, j: (bi, h, i, 0)),
-              pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j: (bi, h // g, j, 0)),
-              pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j: (bi, h // g, j, 0))]
+              pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j: (bi, h // g, kv_idx(i, j), 0)),
+              pl.BlockSpec((None, None, bk, d), lambda bi, h, i, j: (bi, h // g, kv_idx(i, j), 0))]
   args = [q, k, v]
   if has_seg:
     in_specs += [pl.BlockSpec((None, bq, 1), lambda bi, h, i, j: (bi, i, 0)),
-                 pl.BlockSpec((None, 1, bk), lambda bi, h, i, j: (bi, 0, j))]
+                 pl.BlockSpec((None, 1, bk), lambda bi, h, i, j: (bi, 0, kv_idx(i, j)))]
     args += [q_seg, k_seg]
   if has_sink:
     in_specs.append(pl.BlockSpec((n, 1), lambda bi, h, i, j: (0, 0)))
@@ -115,14 +130,15 @@ def backward(q, k, v, do, lse, delta, q_seg, k_seg, static, bq, bk):
     def _write():
       dq_ref[...] = (dq_sc[...] * static.scale).astype(dq_ref.dtype)
 
+  kv_idx = _kv_index(static, bq, bk, nk)
   row = lambda bi, h, i, j: (bi, h, i, 0)
-  kv = lambda bi, h, i, j: (bi, h // g, j, 0)
+  kv = lambda bi, h, i, j: (bi, h // g, kv_idx(i, j), 0)
   dq_specs = [pl.BlockSpec((None, None, bq, d), row), pl.BlockSpec((None, None, bk, d), kv),
               pl.BlockSpec((None, None, bk, d), kv), pl.BlockSpec((None, None, bq, d), row),
               pl.BlockSpec((None, None, bq, 1), row), pl.BlockSpec((None, None, bq, 1), row)]
   if has_seg:
     dq_specs += [pl.BlockSpec((None, bq, 1), lambda bi, h, i, j: (bi, i, 0)),
-                 pl.BlockSpec((None, 1, bk), lambda bi, h, i, j: (bi, 0, j))]
+                 pl.BlockSpec((None, 1, bk), lambda bi, h, i, j: (bi, 0, kv_idx(i, j)))]
   dq = pl.pallas_call(
       dq_kernel, grid=(b, n, nq, nk), in_specs=dq_specs, out_specs=pl.BlockSpec((None, None, bq, d), row),
       out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32), scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
@@ -158,13 +174,14 @@ def backward(q, k, v, do, lse, delta, q_seg, k_seg, static, bq, bk):
       dk_ref[...] = (dk_sc[...] * static.scale).astype(dk_ref.dtype)
       dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
-  q_row = lambda bi, kh, j, gi, i: (bi, kh * g + gi, i, 0)
+  q_idx = lambda j, i: _clamp(static, i, *q_block_range(static, j * bk, bk, bq, nq))
+  q_row = lambda bi, kh, j, gi, i: (bi, kh * g + gi, q_idx(j, i), 0)
   kv_row = lambda bi, kh, j, gi, i: (bi, kh, j, 0)
   dkv_specs = [pl.BlockSpec((None, None, bq, d), q_row), pl.BlockSpec((None, None, bk, d), kv_row),
                pl.BlockSpec((None, None, bk, d), kv_row), pl.BlockSpec((None, None, bq, d), q_row),
                pl.BlockSpec((None, None, bq, 1), q_row), pl.BlockSpec((None, None, bq, 1), q_row)]
   if has_seg:
-    dkv_specs += [pl.BlockSpec((None, bq, 1), lambda bi, kh, j, gi, i: (bi, i, 0)),
+    dkv_specs += [pl.BlockSpec((None, bq, 1), lambda bi, kh, j, gi, i: (bi, q_idx(j, i), 0)),
                   pl.BlockSpec((None, 1, bk), lambda bi, kh, j, gi, i: (bi, 0, j))]
   dk, dv = pl.pallas_call(
       dkv_kernel, grid=(b, kvh, nk, g, nq), in_specs=dkv_specs,

@@ -1,5 +1,5 @@
-"""Kernel dispatch: the whole model with the Pallas kernels (interpret mode) equals the XLA path, on one
-device and per shard under an 8-device Mesh; impossible requests are clear errors."""
+"""Kernel dispatch: the whole model with the Pallas kernels (interpret mode; TPU and GPU) equals the XLA
+path, on one device and per shard under an 8-device Mesh; impossible requests are clear errors."""
 import jax
 import numpy as np
 import pytest
@@ -10,18 +10,32 @@ from conftest import make_batch
 
 
 @pytest.fixture(scope="module")
-def models():
+def build():
+  """interpret backend -> (XLA model, the same weights with the Pallas kernels), built once per module."""
+  from flax import nnx
   cfg = zoo.get("tiny-moe").replace(attention_impl="xla", moe_impl="xla")
   xla = ij.init_model(cfg, seed=7)
-  pallas = ij.InternVL(cfg.replace(attention_impl="pallas", moe_impl="pallas", pallas_interpret="tpu"),
-                       rngs=__import__("flax").nnx.Rngs(0))
-  from flax import nnx
-  nnx.update(pallas, nnx.state(xla))  # same weights, other kernels
-  return xla, pallas
+  cache = {}
+
+  def get(interpret: str):
+    if interpret not in cache:
+      pallas = ij.InternVL(cfg.replace(attention_impl="pallas", moe_impl="pallas", pallas_interpret=interpret),
+                           rngs=nnx.Rngs(0))
+      nnx.update(pallas, nnx.state(xla))  # same weights, other kernels
+      cache[interpret] = xla, pallas
+    return cache[interpret]
+
+  return get
 
 
-def test_pallas_model_equals_xla(models):
-  xla, pallas = models
+@pytest.fixture(scope="module")
+def models(build):
+  return build("tpu")
+
+
+@pytest.mark.parametrize("interpret", ["tpu", "gpu"])
+def test_pallas_model_equals_xla(build, interpret):
+  xla, pallas = build(interpret)
   ids, mask, pixels = make_batch(seed=8)
   want = np.asarray(ij.forward(xla, ids, pixels, mask))
   got = np.asarray(ij.forward(pallas, ids, pixels, mask))

@@ -253,6 +253,73 @@ def test_tokenizer_checks(ckpt_dir, tmp_path):
     ij.Tokenizer.from_pretrained(str(tmp_path))
 
 
+def test_original_layout_config_without_image_token_key(ckpt_dir, tmp_path):
+  """Released original-layout configs have no img_context_token_id: the id comes from the tokenizer, and the
+  processor's check against it passes."""
+  import shutil
+  shutil.copy(ckpt_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+  with open(ckpt_dir / "config.json") as f:
+    raw = json.load(f)
+  assert "llm_config" in raw
+  raw.pop("img_context_token_id")
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(raw, f)
+  proc = ij.Processor.from_pretrained(str(tmp_path))
+  from internvl_jax.checkpoint import load_config
+  cfg, layout = load_config(str(tmp_path))
+  assert layout == "original" and cfg.image_token_id == proc.tokenizer.image_token_id
+
+
+# ------------------------------------------------------------------------------------------- markers, system
+
+@pytest.mark.parametrize("marker", ["<IMG_CONTEXT>", "<img>", "</img>"])
+def test_image_markers_in_text_are_rejected(processor, marker):
+  img = Image.new("RGB", (448, 448))
+  with pytest.raises(ValueError, match=f"message 1: the text holds '{marker}'"):
+    processor([{"role": "system", "content": "s"}, {"role": "user", "content": f"<image>\nlook {marker} here"}],
+              images=[img])
+  with pytest.raises(ValueError, match=f"message 0: the text holds '{marker}'"):
+    processor([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": marker}]}])
+  with pytest.raises(ValueError, match=f"message 1: the text holds '{marker}'"):
+    processor([{"from": "human", "value": "hi"}, {"from": "gpt", "value": f"a{marker}b"}], train=True)
+  with pytest.raises(ValueError, match=f"system= holds '{marker}'"):
+    processor([{"role": "user", "content": "hi"}], system=marker)
+
+
+def test_thinking_conflicts_with_a_system_prompt(processor):
+  with pytest.raises(ValueError, match="thinking=True .* system="):
+    processor([{"role": "user", "content": "Hi"}], thinking=True, system="Be brief.")
+  with pytest.raises(ValueError, match=r"thinking=True .* system message \(message 0\)"):
+    processor([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], thinking=True)
+  assert THINKING_SYSTEM in processor.text([{"role": "user", "content": "Hi"}], thinking=True)
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+def test_jpeg_augmentation_is_per_tile(processor, monkeypatch, tmp_path):
+  """As the official build_transform: every tile (thumbnail included) and every video frame is re-encoded on
+  its own, at its own quality, after tiling."""
+  image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (700, 1000, 3), dtype=np.uint8))
+  crops = dr.crop_tiles(image)
+  assert len(crops) == 7  # 3 x 2 grid + thumbnail
+  calls, original = [], dr.jpeg_reencode
+  monkeypatch.setattr(dr, "jpeg_reencode", lambda im, rng: (calls.append(im.size), original(im, rng))[1])
+  messages = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Noise."}]
+  out = processor(messages, images=[image], train=True, jpeg_augment=True, rng=np.random.default_rng(0))
+  assert calls == [(448, 448)] * 7 and out["pixel_values"].shape == (7, 448, 448, 3)
+  rng = np.random.default_rng(0)
+  want = dr.normalize([original(c, rng) for c in crops])
+  np.testing.assert_allclose(out["pixel_values"], want, atol=1e-6)
+  plain = processor(messages, images=[image], train=True)["pixel_values"]
+  assert not np.allclose(plain, out["pixel_values"])
+  calls.clear()
+  path = tmp_path / "clip.mp4"
+  write_video(path)
+  out = processor([{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "Light."}],
+                  videos=[str(path)], train=True, num_frames=3, jpeg_augment=True, rng=np.random.default_rng(0))
+  assert calls == [(448, 448)] * 3 and out["pixel_values"].shape == (3, 448, 448, 3)
+
+
 # ------------------------------------------------------------------------------------------- video
 
 def write_video(path, n=20, size=64):
@@ -262,7 +329,7 @@ def write_video(path, n=20, size=64):
     stream.width = stream.height = size
     stream.pix_fmt = "yuv420p"
     for i in range(n):
-      frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), i * 12, np.uint8), format="rgb24")
+      frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), i * 12 % 256, np.uint8), format="rgb24")
       for packet in stream.encode(frame):
         out.mux(packet)
     for packet in stream.encode():
@@ -294,6 +361,90 @@ def test_video_prompt_and_frames(processor, tmp_path):
   text = processor.tokenizer.decode(train["input_ids"], skip_special_tokens=False)
   frames = "\n".join(f"Frame-{i}: {ctx(256)}" for i in range(1, 4))
   assert f"<|im_start|>user\n{frames}\nWhat happens?<|im_end|>" in text
+
+
+def all_frames(path):
+  """The previous decoder: every frame to an image."""
+  import av
+  with av.open(str(path)) as container:
+    return [np.asarray(f.to_image().convert("RGB")) for f in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_only_wanted_frames_become_images(tmp_path, monkeypatch, ext):
+  """Counting converts nothing (mp4 keeps a frame count, mkv needs a decoding pass) and only the wanted
+  frames are converted; the frames are those a full decode gives."""
+  import av
+  path = tmp_path / f"clip.{ext}"
+  write_video(path)
+  full = all_frames(path)
+  with av.open(str(path)) as container:
+    assert (container.streams.video[0].frames > 0) == (ext == "mp4")
+  converted, to_image = [], video._to_image
+  monkeypatch.setattr(video, "_to_image", lambda f: (converted.append(1), to_image(f))[1])
+  assert video.count_frames(str(path)) == len(full) == 20 and not converted
+  got = video.read_frames(str(path), [3, 3, 17, 0])
+  assert len(converted) == 3
+  for g, i in zip(got, [3, 3, 17, 0]):
+    np.testing.assert_array_equal(np.asarray(g), full[i])
+  converted.clear()
+  got = video.load_video(str(path), 4)
+  assert len(converted) == 4
+  for g, i in zip(got, video.inference_indices(20, 4)):
+    np.testing.assert_array_equal(np.asarray(g), full[i])
+  assert [np.asarray(g).tolist() for g in video.read_frames(str(path))] == [f.tolist() for f in full]
+  with pytest.raises(ValueError, match=r"frames \[20\] beyond its 20 frames"):
+    video.read_frames(str(path), [2, 20])
+
+
+def test_overstated_frame_count_resamples(tmp_path, monkeypatch):
+  """A container count above what decodes: the indices are chosen again from the decoded count."""
+  path = tmp_path / "clip.mp4"
+  write_video(path)
+  full = all_frames(path)
+  monkeypatch.setattr(video, "count_frames", lambda p: 30)
+  got = video.load_video(str(path), 4)
+  for g, i in zip(got, video.inference_indices(20, 4)):
+    np.testing.assert_array_equal(np.asarray(g), full[i])
+
+
+def frame_levels(out):
+  """Each frame tile's mean grey level (the test videos are flat frames at 12 x index)."""
+  return (out["pixel_values"].mean(axis=(1, 2)) * dr.IMAGENET_STD + dr.IMAGENET_MEAN).mean(axis=1) * 255
+
+
+def test_training_frame_count_is_drawn(processor, tmp_path):
+  """num_frames unset: randint(8, 32) frames per video (REFERENCE.md §4), the count drawn first."""
+  small = ij.Processor(processor.tokenizer, tile_size=56, tokens_per_tile=4)
+  path = tmp_path / "clip.mp4"
+  write_video(path, n=40, size=32)
+  messages = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "Light."}]
+  seen = set()
+  for seed in range(6):
+    out = small(messages, videos=[str(path)], train=True, rng=np.random.default_rng(seed))
+    n = int(np.random.default_rng(seed).integers(8, 33))
+    assert 8 <= n <= 32 and out["num_tiles"].tolist() == [1] * n
+    assert small.text(messages, videos=[str(path)], train=True, rng=np.random.default_rng(seed)).count("Frame-") == n
+    seen.add(n)
+  assert len(seen) > 1
+  fixed = ij.Processor(processor.tokenizer, tile_size=56, tokens_per_tile=4, min_num_frames=5, max_num_frames=5)
+  assert fixed(messages, videos=[str(path)], train=True)["num_tiles"].size == 5
+  with pytest.raises(ValueError, match="min_num_frames"):
+    ij.Processor(processor.tokenizer, min_num_frames=9, max_num_frames=8)
+
+
+def test_training_frame_sampling_option(processor, tmp_path):
+  small = ij.Processor(processor.tokenizer, tile_size=56, tokens_per_tile=4)
+  path = tmp_path / "clip.mp4"
+  write_video(path, size=32)
+  messages = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "Light."}]
+  middle = small(messages, videos=[str(path)], train=True, num_frames=4, sample="middle")
+  np.testing.assert_allclose(frame_levels(middle), [2 * 12, 7 * 12, 12 * 12, 17 * 12], atol=6)
+  rand = small(messages, videos=[str(path)], train=True, num_frames=4, sample="rand", rng=np.random.default_rng(1))
+  picked = video.training_indices(4, 20, "rand", np.random.default_rng(1))
+  np.testing.assert_allclose(frame_levels(rand), picked * 12, atol=6)
+  with pytest.raises(ValueError, match="unknown frame sampling 'uniform'"):
+    small(messages, videos=[str(path)], train=True, sample="uniform")
 
 
 def test_unreadable_video_names_the_file(processor, tmp_path):
