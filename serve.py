@@ -2,7 +2,9 @@
 
   python serve.py --checkpoint=/data/InternVL3_5-1B --image=cat.jpg --prompt="What is this?"
   python serve.py --checkpoint=/data/InternVL3_5-1B --port=8000      # POST /v1/chat/completions
+  python serve.py --checkpoint=runs/digits --image=digit.png --prompt="Which digit is this?"   # a train.py run
 """
+import os
 import sys
 
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ from absl import app, flags
 
 import internvl_jax as ij
 
-FLAGS = flags.DEFINE_string("checkpoint", None, "checkpoint folder (original or transformers layout)", required=True)
+FLAGS = flags.DEFINE_string("checkpoint", None, "checkpoint folder (original or transformers layout), or a train.py "
+                            "workdir (its export/ folder is used)", required=True)
 flags.DEFINE_string("prompt", None, "one-shot mode: the question")
 flags.DEFINE_multi_string("image", [], "one-shot mode: image file(s)")
 flags.DEFINE_string("video", None, "one-shot mode: a video file")
@@ -29,8 +32,13 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and weig
 def main(argv):
   del argv
   f = flags.FLAGS
-  model = ij.from_pretrained(f.checkpoint, dtype=jnp.dtype(f.dtype))
-  processor = ij.Processor.from_pretrained(f.checkpoint)
+  path = f.checkpoint
+  if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "export")  # a train.py workdir: its released-layout export
+    if not os.path.exists(os.path.join(path, "config.json")):
+      sys.exit(f"serve.py: {f.checkpoint} is a train.py workdir without an export yet (written at the end of the run)")
+  model = ij.from_pretrained(path, dtype=jnp.dtype(f.dtype))
+  processor = ij.Processor.from_pretrained(path)
   if f.port is not None:
     import uvicorn
     from internvl_jax.server import make_app

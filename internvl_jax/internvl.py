@@ -8,6 +8,9 @@ Call contract:
   shift from left padding changes nothing), segment_ids [batch, seq] for packed rows (tokens attend only
   within their segment; 0 = padding; overrides attention_mask), return_aux=True to also get
   {'moe_aux_loss': ...} for training, rngs (with a 'dropout' stream) to turn on drop path.
+  Packed training rows pass pixel_values per row, [batch, R, H, W, 3]: row b's tiles in the order of its
+  <IMG_CONTEXT> runs, then zero tiles up to the row's tile budget R (the data pipeline has checked each
+  row's count, so rows shard over the batch axes with their own tiles).
 """
 from __future__ import annotations
 
@@ -43,6 +46,15 @@ def check_vocab(input_ids, vocab_size: int):
   lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
   if lo < 0 or hi >= vocab_size:
     raise ValueError(f"input_ids hold ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})")
+
+
+def merge_row_features(embeds, input_ids, features, image_token_id: int):
+  """Write features [b, n, d] into the <IMG_CONTEXT> positions of embeds [b, t, d], row by row: the k-th
+  image token of row b takes features[b, k]. Features past a row's image tokens (padding tiles) are unused."""
+  mask = input_ids == image_token_id
+  index = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, features.shape[1] - 1)
+  gathered = jnp.take_along_axis(features.astype(embeds.dtype), index[..., None], axis=1)
+  return jnp.where(mask[..., None], gathered, embeds)
 
 
 def merge_image_features(embeds, input_ids, features, image_token_id: int, *, check: bool = True):
@@ -85,12 +97,18 @@ class InternVL(nnx.Module):
     for name, x in (("attention_mask", attention_mask), ("position_ids", position_ids), ("segment_ids", segment_ids)):
       if x is not None and tuple(jnp.shape(x)) != (b, t):
         raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}, input_ids {(b, t)}")
-    if pixel_values is not None and jnp.ndim(pixel_values) != 4:
-      raise ValueError(f"pixel_values must be [tiles, H, W, 3], got shape {tuple(jnp.shape(pixel_values))}")
+    if pixel_values is not None and not (jnp.ndim(pixel_values) == 4 or
+                                         (jnp.ndim(pixel_values) == 5 and jnp.shape(pixel_values)[0] == b)):
+      raise ValueError(f"pixel_values must be [tiles, H, W, 3] or [batch={b}, tiles per row, H, W, 3], got shape "
+                       f"{tuple(jnp.shape(pixel_values))}")
     if not isinstance(input_ids, jax.core.Tracer):
       check_vocab(input_ids, self.cfg.text.vocab_size)
     embeds = self.language_model.embed(input_ids)
-    if pixel_values is not None:
+    if pixel_values is not None and jnp.ndim(pixel_values) == 5:
+      pv = jnp.asarray(pixel_values)
+      feats = self.image_features(pv.reshape(-1, *pv.shape[2:]), rngs=rngs)
+      embeds = merge_row_features(embeds, input_ids, feats.reshape(b, -1, feats.shape[-1]), self.cfg.image_token_id)
+    elif pixel_values is not None:
       feats = self.image_features(jnp.asarray(pixel_values), rngs=rngs)
       embeds = merge_image_features(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id)
     else:

@@ -1,0 +1,276 @@
+"""The run behind `train.py`: model and sharded train state, data, the loop, orbax checkpoints, evaluation
+and export. Each function takes the ml_collections config (see `configs/`); `train(cfg, workdir)` runs it.
+
+Workdir layout:
+  checkpoints/<step>/{state, data}   orbax: the TrainState (every process writes its own shards) and each
+                                     process's data-iterator state (process_<i>-of-<n>.json)
+  model/                             config.json (transformers layout) + tokenizer files, written at start
+  export/                            the final weights as a released-format checkpoint (serve.py reads it)
+  metrics.jsonl, tensorboard/        see metrics.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from internvl_jax import checkpoint as ckpt_lib
+from internvl_jax import optim, sft, sharding, zoo
+from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.internvl import InternVL, init_model
+from internvl_jax.metrics import MetricsWriter
+from internvl_jax.processor import Processor
+from internvl_jax.tokenizer import Tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# ------------------------------------------------------------------------------------------ model
+
+def tokenizer_dir(cfg) -> str:
+  folder = cfg.model.checkpoint or cfg.model.tokenizer
+  if not folder:
+    raise ValueError("config: set model.checkpoint (a released checkpoint folder) or model.tokenizer (a folder "
+                     "with tokenizer.json) for a model trained from a preset")
+  return folder
+
+
+def model_config(cfg, tokenizer: Tokenizer) -> InternVLConfig:
+  """The InternVLConfig of a run: the checkpoint's or the preset's, with the config's overrides. A model
+  trained from scratch takes its vocabulary size and <IMG_CONTEXT> id from the tokenizer."""
+  m = cfg.model
+  overrides = dict(m.get("overrides", {}) or {})
+  vision, text = dict(overrides.pop("vision", {}) or {}), dict(overrides.pop("text", {}) or {})
+  if m.checkpoint:
+    base, _ = ckpt_lib.load_config(m.checkpoint)
+  else:
+    base = zoo.get(m.preset)
+    size = tokenizer.tok.get_vocab_size(with_added_tokens=True)
+    text.setdefault("vocab_size", -(-size // 128) * 128)  # a multiple of 128 keeps the vocab axis shardable
+    overrides.setdefault("image_token_id", tokenizer.image_token_id)
+  try:
+    return base.replace(vision=dataclasses.replace(base.vision, **vision), text=dataclasses.replace(base.text, **text),
+                        **overrides)
+  except TypeError as e:
+    raise ValueError(f"config.model.overrides: {e} (fields: InternVLConfig {_fields(InternVLConfig)}, vision "
+                     f"{_fields(VisionConfig)}, text {_fields(TextConfig)})") from None
+
+
+def _fields(cls) -> list[str]:
+  return [f.name for f in dataclasses.fields(cls)]
+
+
+def make_processor(cfg, model_cfg: InternVLConfig, tokenizer: Tokenizer) -> Processor:
+  tokenizer.check_model_config(model_cfg)
+  d = cfg.data
+  return Processor(tokenizer, tokens_per_tile=model_cfg.tokens_per_tile, tile_size=model_cfg.vision.image_size,
+                   min_tiles=d.min_tiles, max_tiles=d.max_tiles, use_thumbnail=d.use_thumbnail, template=d.template)
+
+
+def initial_model(cfg, model_cfg: InternVLConfig, mesh) -> InternVL:
+  if cfg.model.checkpoint:
+    overrides = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
+                 if f.name not in ("dtype", "param_dtype")}
+    return ckpt_lib.from_pretrained(cfg.model.checkpoint, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                                    mesh=mesh, **overrides)
+  return init_model(model_cfg, seed=cfg.seed, mesh=mesh)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+class _IteratorState:
+  """The data iterator as grain's orbax handler expects it (bytes in and out), snapshotted at save time so
+  an asynchronous save writes the state of the step it belongs to."""
+
+  def __init__(self, iterator):
+    self.iterator = iterator
+    self.state = json.dumps(iterator.get_state()).encode() if iterator is not None else b"{}"
+
+  def get_state(self) -> bytes:
+    return self.state
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state.decode()))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class Checkpointer:
+  """orbax CheckpointManager over workdir/checkpoints: async saves every `every` steps, the last `keep`."""
+
+  def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    import grain
+    self.every = every
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                             enable_async_checkpointing=async_save),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: sft.TrainState, iterator, *, force: bool = False) -> bool:
+    """Saves at multiples of `every` (and when forced: the last step); returns whether it saved."""
+    import grain
+    if step % self.every and not force:
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(iterator))),
+        force=True)
+
+  def restore(self, step: int, abstract: sft.TrainState, shardings: sft.TrainState, iterator) -> sft.TrainState:
+    import grain
+    # shardings is a prefix of abstract (one NamedSharding per nnx.Variable holding the array).
+    target = jax.tree.map(lambda s, sub: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), sub),
+                          shardings, abstract)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(_IteratorState(iterator))))
+    return restored["state"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def write_model_folder(folder: str, model_cfg: InternVLConfig, tok_dir: str) -> None:
+  """config.json + tokenizer files, so that serve.py / Processor.from_pretrained can read the folder."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(ckpt_lib.config_to_dict(model_cfg, "hf"), f, indent=2)
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(tok_dir, name)):
+      shutil.copy(os.path.join(tok_dir, name), os.path.join(folder, name))
+
+
+def export(model: InternVL, folder: str, tok_dir: str, layout: str = "hf") -> None:
+  """A released-format checkpoint (config, safetensors, tokenizer) of the trained weights."""
+  ckpt_lib.save_pretrained(model, folder, layout=layout)
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(tok_dir, name)):
+      shutil.copy(os.path.join(tok_dir, name), os.path.join(folder, name))
+
+
+# ------------------------------------------------------------------------------------------ state
+
+@dataclasses.dataclass
+class Setup:
+  """What a run holds besides the state: static model parts, optimiser, shardings, jitted step."""
+  graphdef: object
+  rest: object
+  tx: object
+  lr: object
+  mesh: object
+  state_sh: sft.TrainState
+  abstract: sft.TrainState
+
+
+def create_state(cfg, model: InternVL, mesh, *, materialise: bool = True):
+  """-> (TrainState placed in its shardings, or None when `materialise` is False, and the Setup). `model`
+  may be abstract (`nnx.eval_shape`) when the state is about to be restored from a checkpoint."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise AssertionError("the model holds non-parameter state; the train state does not carry it yet")
+  trainable, frozen = optim.split_trainable(params, tuple(cfg.trainable))
+  tx, lr = optim.make_optimizer(cfg.optim, cfg.steps)
+
+  def build(trainable, frozen):
+    return sft.TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+                          opt_state=tx.init(trainable), key=jax.random.key_data(jax.random.key(cfg.seed)))
+
+  abstract = jax.eval_shape(build, trainable, frozen)
+  state_sh = sft.state_shardings(abstract, mesh, tx)
+  setup = Setup(graphdef, rest, tx, lr, mesh, state_sh, abstract)
+  return (jax.jit(build, out_shardings=state_sh)(trainable, frozen) if materialise else None), setup
+
+
+def model_of(state: sft.TrainState, setup: Setup) -> InternVL:
+  return nnx.merge(setup.graphdef, state.params, state.frozen, setup.rest)
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+def train(cfg, workdir: str) -> dict:
+  """Run (or resume) the training described by `cfg` in `workdir`. Returns the last train and eval metrics."""
+  from internvl_jax import data as data_lib
+  from internvl_jax import evaluation
+  if cfg.batch_size % jax.process_count():
+    raise ValueError(f"batch_size={cfg.batch_size} rows do not split over {jax.process_count()} processes")
+  local_rows = cfg.batch_size // jax.process_count()
+  mesh = sharding.make_mesh(dict(cfg.mesh))
+  shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+  if cfg.batch_size % (shards * cfg.accum_steps):
+    raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the batch shards (data x fsdp x expert = "
+                     f"{shards}) times accum_steps={cfg.accum_steps}, so every device holds whole rows of each "
+                     "micro-batch")
+  tok_dir = tokenizer_dir(cfg)
+  tokenizer = Tokenizer.from_pretrained(tok_dir)
+  model_cfg = model_config(cfg, tokenizer)
+  processor = make_processor(cfg, model_cfg, tokenizer)
+  write_model_folder(os.path.join(workdir, "model"), model_cfg, tok_dir)
+
+  iterator = data_lib.make_iterator(cfg.data, processor, batch_size=local_rows, seed=cfg.seed,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+  checkpointer = Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                              async_save=cfg.checkpoint.async_save)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state, setup = create_state(cfg, initial_model(cfg, model_cfg, mesh), mesh)
+  else:  # resume: only the abstract state, then the checkpoint is read straight into its shardings
+    _, setup = create_state(cfg, nnx.eval_shape(lambda: InternVL(model_cfg, rngs=nnx.Rngs(0))), mesh,
+                            materialise=False)
+    state = checkpointer.restore(latest, setup.abstract, setup.state_sh, iterator)
+    print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
+
+  step_cfg = sft.StepConfig(accum_steps=cfg.accum_steps, aux_loss_coef=model_cfg.text.router_aux_loss_coef
+                            if model_cfg.text.is_moe else 0.0, drop_path=model_cfg.vision.drop_path_rate > 0)
+  writer = MetricsWriter(workdir, total_steps=cfg.steps, tensorboard=cfg.get("tensorboard", True))
+  evaluator = evaluation.Evaluator(cfg, processor, local_rows, mesh) if cfg.eval.meta else None
+  step_fn = None
+  step = int(jax.device_get(state.step))
+  tokens, t0, last, skipped_seen = 0, time.time(), {}, 0
+  while step < cfg.steps:
+    local = next(iterator)
+    batch = sft.global_batch(local, mesh)
+    if step_fn is None:
+      step_fn = sft.make_train_step(setup.graphdef, setup.rest, setup.tx, step_cfg, mesh, setup.state_sh,
+                                    {k: v.sharding for k, v in batch.items()}, setup.lr)
+    state, metrics = step_fn(state, batch)
+    step += 1
+    tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+    if step % cfg.log_every == 0 or step == cfg.steps:
+      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      last["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+      stats = iterator.stats()
+      last["skipped_samples"] = stats["skipped"]
+      writer.write(step, last)
+      writer.progress(step, last)
+      if stats["skipped"] > skipped_seen:
+        print(f"data: {stats['skipped']} samples skipped so far {stats.get('reasons', {})}; e.g. "
+              f"{stats.get('examples', [])[:3]}", flush=True)
+        skipped_seen = stats["skipped"]
+      tokens, t0 = 0, time.time()
+    checkpointer.save(step, state, iterator, force=step == cfg.steps)
+    if evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
+      results = evaluator.run(model_of(state, setup), step)
+      writer.write(step, results["metrics"], kind="eval")
+      print(results["table"], flush=True)
+      last.update({f"eval_{k}": v for k, v in results["metrics"].items()})
+      tokens, t0 = 0, time.time()  # tokens/s measures training only
+  checkpointer.close()
+  if cfg.get("export", "hf"):
+    export(model_of(state, setup), os.path.join(workdir, "export"), tok_dir, layout=cfg.export)
+  writer.close()
+  return last

@@ -1,0 +1,96 @@
+"""train.py end to end on a small digits set: a run killed with SIGKILL and resumed by rerunning the same
+command follows the uninterrupted run's loss curve exactly; the export is read by from_pretrained and the
+Processor; config overrides; the console line, metrics.jsonl and TensorBoard files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 24, 4
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+  from internvl_jax import digits
+  out = tmp_path_factory.mktemp("digits")
+  digits.build(str(out), train_pairs=120, eval_pairs=16)
+  return str(out)
+
+
+def command(workdir, data, *extra):
+  return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs/digits.py"),
+          f"--workdir={workdir}", f"--config.data_root={data}", f"--config.steps={STEPS}", "--config.batch_size=2",
+          "--config.data.max_tokens=128", "--config.data.max_tiles_per_row=4", f"--config.checkpoint.every={EVERY}",
+          "--config.log_every=1", "--config.eval.every=1000", "--config.eval.generate=4",
+          "--config.eval.max_batches=1", *extra]
+
+
+def env():
+  # One CPU device: the digits config's mesh takes all devices, and this test is about resumption.
+  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+
+
+def losses(workdir):
+  """step -> loss, the last line per step winning (a killed run re-does the steps after its checkpoint)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if r["kind"] == "train":
+        out[r["step"]] = r["loss"]
+  return out
+
+
+def test_killed_run_resumes_on_the_same_curve(digits_dir, tmp_path):
+  full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+  done = subprocess.run(command(full, digits_dir), env=env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "step 24/24  loss" in done.stdout and "tok/s" in done.stdout and "ETA" in done.stdout
+  assert "accuracy" in done.stdout  # the eval table at the last step
+
+  proc = subprocess.Popen(command(killed, digits_dir), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while time.time() < deadline:  # kill a few steps after the second checkpoint, mid-run
+    if os.path.exists(os.path.join(killed, "metrics.jsonl")) and max(losses(killed), default=0) >= 2 * EVERY + 2:
+      break
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  before = max(losses(killed))
+  assert before < STEPS, "the run finished before it could be killed"
+  resumed = subprocess.run(command(killed, digits_dir), env=env(), capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stdout
+
+  a, b = losses(full), losses(killed)
+  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  np.testing.assert_array_equal([b[s] for s in sorted(b)], [a[s] for s in sorted(a)])
+  assert a[STEPS] < a[1]
+
+  # The export is a released-layout checkpoint with its tokenizer: serve.py's loaders read it.
+  import internvl_jax as ij
+  model = ij.from_pretrained(os.path.join(killed, "export"))
+  processor = ij.Processor.from_pretrained(os.path.join(killed, "export"))
+  assert model.cfg.image_token_id == processor.tokenizer.image_token_id
+  assert os.listdir(os.path.join(full, "tensorboard"))
+
+
+def test_unknown_trainable_part_is_named(digits_dir, tmp_path):
+  done = subprocess.run(command(str(tmp_path / "w"), digits_dir, "--config.trainable=('vit', 'mlp1')"),
+                        env=env(), capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0 and "unknown trainable parts ['vit']" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["base", "digits", "internvl3_5_sft"])
+def test_config_files_load(name):
+  import importlib
+  sys.path.insert(0, ROOT)
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  assert cfg.optim.lr > 0 and cfg.steps > 0 and set(cfg.trainable) <= {"vision_model", "mlp1", "language_model"}
