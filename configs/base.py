@@ -12,6 +12,7 @@ def get_config():
   c.steps = 1000
   c.batch_size = 8  # global rows (packed sequences) per optimiser step, over all processes
   c.accum_steps = 1  # micro-batches per step (the batch is split, the loss normalised over all of it)
+  c.loss_chunk = 0  # > 0: logits and loss this many positions at a time (needed for 32K rows x 152K vocab)
   c.trainable = ("vision_model", "mlp1", "language_model")  # official stages: ('mlp1',) for the MLP warmup
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))  # -1: the remaining devices
 

@@ -23,6 +23,7 @@ def get_config():
                                                      vision=ml_collections.ConfigDict(dict(drop_path_rate=0.1))))
   c.data.meta = "/data/sft_meta.json"
   c.data.max_tokens = 32768
+  c.loss_chunk = 2048  # full [32768, 151936] float32 logits would take 19.9 GB per row
   c.data.max_tiles_per_row = 96
   c.optim.lr = 8e-5
   c.optim.warmup = 0.03

@@ -3,13 +3,15 @@
 Two layouts (REFERENCE.md §7): 'original' (InternVL GitHub / remote code: `vision_model.*`, `mlp1.*`,
 `language_model.*`, config with `vision_config` + `llm_config`) and 'hf' (transformers-native
 InternVLForConditionalGeneration: `vision_tower.*` / `model.vision_tower.*`, ..., config with
-`vision_config` + `text_config`). Loading reads one parameter's tensors at a time and places the result
-straight into its target sharding, so host memory holds about one parameter, not the checkpoint.
+`vision_config` + `text_config`). Loading converts each parameter lazily (views of the memory-mapped
+files; see checkpoint_keys.Stacked) and reads only the slices this process's devices hold, so host memory
+holds the process's share of the model plus one parameter's share, not the checkpoint nor a whole tensor.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from typing import Any
@@ -21,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax import safetensors_io, sharding
-from internvl_jax.checkpoint_keys import canonical_hf_key, skipped_vision_layers, specs
+from internvl_jax.checkpoint_keys import Stacked, canonical_hf_key, skipped_vision_layers, specs
 from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
 from internvl_jax.internvl import InternVL
 
@@ -188,32 +190,87 @@ def _np_dtype(dtype) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype))
 
 
-def tensor_sources(ckpt: safetensors_io.Checkpoint, layout: str) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """canonical key -> (shape, read()). transformers' fused in-memory MoE experts
-  (`mlp.experts.gate_up_proj` [E, 2I, d], `mlp.experts.down_proj` [E, d, I]) appear as the per-expert
-  tensors that released checkpoints hold; the fused tensor is read once per layer, not once per expert."""
-  cache: dict[str, np.ndarray] = {}
-
-  def read(key):
-    if key not in cache:
-      cache.clear()
-      cache[key] = ckpt.get(key)
-    return cache[key]
-
+def tensor_sources(ckpt: safetensors_io.Checkpoint, layout: str) -> dict[str, np.ndarray]:
+  """canonical key -> the tensor as a lazy view of the checkpoint (nothing is read). transformers' fused
+  in-memory MoE experts (`mlp.experts.gate_up_proj` [E, 2I, d], `mlp.experts.down_proj` [E, d, I]) appear
+  as the per-expert tensors that released checkpoints hold, each a slice of the fused view."""
   out = {}
   for key in ckpt.keys():
-    name, shape = (canonical_hf_key(key) if layout == "hf" else key), ckpt.shape(key)
-    if name.endswith("mlp.experts.gate_up_proj") and len(shape) == 3:
-      e, two_i, d = shape
-      for x in range(e):
-        out[f"{name[:-len('gate_up_proj')]}{x}.gate_proj.weight"] = ((two_i // 2, d), lambda k=key, x=x: read(k)[x, :two_i // 2])
-        out[f"{name[:-len('gate_up_proj')]}{x}.up_proj.weight"] = ((two_i // 2, d), lambda k=key, x=x: read(k)[x, two_i // 2:])
-    elif name.endswith("mlp.experts.down_proj") and len(shape) == 3:
-      for x in range(shape[0]):
-        out[f"{name[:-len('down_proj')]}{x}.down_proj.weight"] = (shape[1:], lambda k=key, x=x: read(k)[x])
+    name, view = (canonical_hf_key(key) if layout == "hf" else key), ckpt.view(key)
+    if name.endswith("mlp.experts.gate_up_proj") and view.ndim == 3:
+      half = view.shape[1] // 2
+      for x in range(view.shape[0]):
+        out[f"{name[:-len('gate_up_proj')]}{x}.gate_proj.weight"] = view[x, :half]
+        out[f"{name[:-len('gate_up_proj')]}{x}.up_proj.weight"] = view[x, half:]
+    elif name.endswith("mlp.experts.down_proj") and view.ndim == 3:
+      for x in range(view.shape[0]):
+        out[f"{name[:-len('down_proj')]}{x}.down_proj.weight"] = view[x]
     else:
-      out[name] = (shape, lambda k=key: ckpt.get(k))
+      out[name] = view
   return out
+
+
+def _file_order(lazy) -> list[int]:
+  """lazy's axes from slowest- to fastest-varying in the file."""
+  if isinstance(lazy, Stacked):
+    inner = _file_order(lazy.parts[0])
+    return [lazy.axis] + [a + (a >= lazy.axis) for a in inner]
+  return sorted(range(lazy.ndim), key=lambda a: -abs(lazy.strides[a]))
+
+
+def read(ckpt: safetensors_io.Checkpoint, lazy, dtype) -> np.ndarray:
+  """A lazy parameter (view or `Stacked` of views) as an array of `dtype`, reading only what it spans.
+
+  The array keeps the file's memory order (a transposed view when the conversion transposes): copying
+  out of the read buffer then walks both sides sequentially, and the transpose is left to device_put,
+  whose blocked transpose is far faster than numpy's strided copy."""
+  order = _file_order(lazy)
+  out = np.empty([lazy.shape[a] for a in order], dtype).transpose(np.argsort(order))
+  _fill(ckpt, lazy, out)
+  return out
+
+
+def _fill(ckpt: safetensors_io.Checkpoint, lazy, out: np.ndarray) -> None:
+  if isinstance(lazy, Stacked):
+    for j, part in enumerate(lazy.parts):
+      _fill(ckpt, part, out[(slice(None),) * lazy.axis + (j,)])
+  else:
+    ckpt.read_into(lazy, out)
+
+
+def _equal(ckpt: safetensors_io.Checkpoint, a: np.ndarray, b: np.ndarray) -> bool:
+  """Value equality of two checkpoint tensors, read a block of rows at a time."""
+  if a.shape != b.shape:
+    return False
+  rows = max(1, safetensors_io.READ_CHUNK // max(1, a[:1].nbytes))
+  return all(np.array_equal(read(ckpt, a[r:r + rows], a.dtype), read(ckpt, b[r:r + rows], b.dtype))
+             for r in range(0, a.shape[0], rows))
+
+
+def _bounds(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """(start, stop) per dimension of a shard index (slices are not hashable before Python 3.12)."""
+  index = index + (slice(None),) * (len(shape) - len(index))
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def place(ckpt: safetensors_io.Checkpoint, lazy, dtype, target: jax.sharding.Sharding) -> jax.Array:
+  """The parameter as a global array with `target` sharding, reading only this process's shards.
+
+  The box spanning this process's shards is read once and each local device's shard is cut from it (with
+  several devices per host, per-device reads would read a strided span such as a column block once per
+  device). Shards that do not tile their box (an unusual device order) are read one by one instead."""
+  shape = tuple(lazy.shape)
+  owned = {_bounds(i, shape) for i in target.addressable_devices_indices_map(shape).values()}
+  if not owned:  # a mesh without this process's devices: nothing to read (the value is never placed)
+    return jax.make_array_from_callback(shape, target, lambda i: np.zeros(0, dtype), dtype=dtype)
+  box = tuple((min(i[d][0] for i in owned), max(i[d][1] for i in owned)) for d in range(len(shape)))
+  volume = lambda bounds: math.prod(stop - start for start, stop in bounds)
+  if volume(box) == sum(map(volume, owned)):
+    block = read(ckpt, lazy[tuple(slice(*b) for b in box)], dtype)
+    cut = lambda i: tuple(slice(a - b, z - b) for (a, z), (b, _) in zip(_bounds(i, shape), box))
+    return jax.make_array_from_callback(shape, target, lambda i: block[cut(i)], dtype=dtype)
+  return jax.make_array_from_callback(
+      shape, target, lambda i: read(ckpt, lazy[tuple(slice(*b) for b in _bounds(i, shape))], dtype), dtype=dtype)
 
 
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
@@ -221,19 +278,20 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   """Load a released checkpoint folder (either layout, detected from config.json).
 
   dtype: compute dtype (and weight dtype unless `param_dtype` is given). mesh: place each tensor with its
-  sharding from the logical-axis rules. `config_overrides` replace InternVLConfig fields (e.g. remat).
-  Missing, unexpected and mis-shaped tensors are reported together in one error. As in transformers, a
-  config that ties lm_head to the embeddings while the checkpoint holds a different lm_head loads untied
-  (with a warning).
+  sharding from the logical-axis rules; each process reads only the slices its own devices hold.
+  `config_overrides` replace InternVLConfig fields (e.g. remat). Missing, unexpected and mis-shaped
+  tensors are reported together in one error. As in transformers, a config that ties lm_head to the
+  embeddings while the checkpoint holds a different lm_head loads untied (with a warning).
   """
   cfg, layout = load_config(path)
   cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype or dtype).name, **config_overrides)
   if image_token_id is not None:
     cfg = cfg.replace(image_token_id=image_token_id)
-  sources = tensor_sources(safetensors_io.Checkpoint(path), layout)
+  ckpt = safetensors_io.Checkpoint(path)
+  sources = tensor_sources(ckpt, layout)
   head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
   if cfg.text.tie_word_embeddings and head in sources and embed in sources:
-    if sources[head][0] != sources[embed][0] or not np.array_equal(sources[head][1](), sources[embed][1]()):
+    if not _equal(ckpt, sources[head], sources[embed]):
       warnings.warn(f"{path}: tie_word_embeddings is true but {head} differs from the embeddings; loading it "
                     "untied, as transformers does")
       cfg = cfg.replace(text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
@@ -243,8 +301,8 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   missing = sorted(set(wanted) - set(sources))
   unexpected = sorted(k for k in set(sources) - set(wanted)
                       if not k.startswith(skip or ("\0",)) and not (cfg.text.tie_word_embeddings and k == head))
-  mismatched = [f"{k}: checkpoint {sources[k][0]}, expected {s}" for k, s in sorted(wanted.items())
-                if k in sources and tuple(sources[k][0]) != tuple(s)]
+  mismatched = [f"{k}: checkpoint {sources[k].shape}, expected {s}" for k, s in sorted(wanted.items())
+                if k in sources and tuple(sources[k].shape) != tuple(s)]
   if missing or unexpected or mismatched:
     parts = [f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
              for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -259,15 +317,13 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   target = _np_dtype(cfg.param_dtype)
   for p, var in flat.items():
     spec = table[p]
-    value = np.asarray(spec.load([sources[k][1]() for k in spec.keys]), dtype=target)
-    if value.shape != var.get_value().shape:
-      raise AssertionError(f"{'.'.join(map(str, p))}: converted to {value.shape}, model wants {var.get_value().shape}")
+    lazy = spec.load([sources[k] for k in spec.keys])
+    if tuple(lazy.shape) != var.get_value().shape:
+      raise AssertionError(f"{'.'.join(map(str, p))}: converted to {lazy.shape}, model wants {var.get_value().shape}")
     if mesh is None:
-      var.set_value(jnp.asarray(value))
+      var.set_value(jnp.asarray(read(ckpt, lazy, target)))
     else:
-      var.set_value(jax.make_array_from_callback(value.shape, sharding.variable_sharding(var, mesh),
-                                                 lambda idx, v=value: v[idx]))
-    del value
+      var.set_value(place(ckpt, lazy, target, sharding.variable_sharding(var, mesh)))
   return nnx.merge(graphdef, abs_state)
 
 

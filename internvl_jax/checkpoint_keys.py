@@ -25,8 +25,34 @@ Path = tuple
 class Spec:
   keys: tuple[str, ...]
   shapes: tuple[tuple[int, ...], ...]  # checkpoint shapes, one per key
-  load: Callable[[list[np.ndarray]], np.ndarray]  # checkpoint tensors -> our array
+  # checkpoint tensors -> our array: given views of memory-mapped tensors, a view or a `Stacked` of views
+  # (so a loader can read one shard of it), never a copy
+  load: Callable[[list[np.ndarray]], np.ndarray | Stacked]
   save: Callable[[np.ndarray], list[np.ndarray]]  # our array -> checkpoint tensors
+
+
+class Stacked:
+  """`np.stack(parts, axis)` kept lazy: indexing picks the parts and indexes each one, so parts that are
+  views of memory-mapped checkpoint tensors stay views and a shard of the result reads only its slices.
+  `np.asarray` stacks (and reads) everything."""
+
+  def __init__(self, parts, axis: int, shape: tuple[int, ...] | None = None, dtype=None):
+    self.parts, self.axis = list(parts), axis
+    self.dtype = dtype or self.parts[0].dtype
+    self.shape = shape or self.parts[0].shape[:axis] + (len(self.parts),) + self.parts[0].shape[axis:]
+    self.ndim = len(self.shape)
+
+  def __getitem__(self, index) -> "Stacked":
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > self.ndim or not all(isinstance(i, slice) for i in index):
+      raise TypeError(f"Stacked takes a tuple of up to {self.ndim} slices, got {index!r}")
+    index += (slice(None),) * (self.ndim - len(index))
+    rest = index[:self.axis] + index[self.axis + 1:]
+    shape = tuple(len(range(*i.indices(n))) for i, n in zip(index, self.shape))
+    return Stacked([p[rest] for p in self.parts[index[self.axis]]], self.axis, shape, self.dtype)
+
+  def __array__(self, dtype=None, copy=None):
+    return np.stack([np.asarray(p) for p in self.parts], self.axis).astype(dtype or self.dtype, copy=False)
 
 
 def plain(key, ckpt_shape, ours):
@@ -42,19 +68,20 @@ def linear(key, ours, n_in):
 def split_linear(keys, ours):
   """q/k/v linears [D, D] each <-> ours [D, 3, heads, head_dim] (the original fused qkv order)."""
   d = ours[0]
-  return Spec(tuple(keys), ((d, d),) * 3, lambda a: np.stack([w.T for w in a], 1).reshape(ours),
+  return Spec(tuple(keys), ((d, d),) * 3, lambda a: Stacked([w.T.reshape(d, *ours[2:]) for w in a], 1),
               lambda x: [x[:, s].reshape(d, d).T for s in range(3)])
 
 
 def split_bias(keys, ours):
   d = math.prod(ours[1:])
-  return Spec(tuple(keys), ((d,),) * 3, lambda a: np.stack(a).reshape(ours), lambda x: [x[s].reshape(d) for s in range(3)])
+  return Spec(tuple(keys), ((d,),) * 3, lambda a: Stacked([b.reshape(ours[1:]) for b in a], 0),
+              lambda x: [x[s].reshape(d) for s in range(3)])
 
 
 def stacked_linear(keys, ours):
   """per-expert torch Linear weights [out, in] <-> ours [experts, in, out]."""
   _, fan_in, fan_out = ours
-  return Spec(tuple(keys), ((fan_out, fan_in),) * len(keys), lambda a: np.stack([w.T for w in a]),
+  return Spec(tuple(keys), ((fan_out, fan_in),) * len(keys), lambda a: Stacked([w.T for w in a], 0),
               lambda x: [w.T for w in x])
 
 

@@ -9,7 +9,8 @@ when both query and kv heads divide it. MoE (`moe_per_shard`): the whole routed-
 the three gmm calls, scatter back) runs per token shard, tokens split over the batch axes so each shard
 counts its own groups, while the expert weights enter with `P()`: all-gathered whole onto every shard, each
 running gmm against all experts ('tensor' shards repeat the same work). With `moe_impl='xla'` ragged_dot is
-left to GSPMD.
+left to GSPMD. When the mesh's 'expert' axis divides the experts, both implementations run expert-parallel
+instead (`moe_expert_parallel`): each expert shard keeps its E/ep experts and the tokens travel.
 """
 from __future__ import annotations
 
@@ -83,13 +84,69 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", interpret: str 
                      interpret=interpret is not None)
 
 
+def expert_parallel_size(num_experts: int) -> int:
+  """Size of the active mesh's 'expert' axis when the MoE runs expert-parallel on it, else 1. The
+  condition is the one under which `sharding.RULES` shards the expert dimension of the weights."""
+  mesh = jax.sharding.get_abstract_mesh()
+  ep = 1 if mesh.empty else mesh.shape.get("expert", 1)
+  return ep if ep > 1 and num_experts % ep == 0 else 1
+
+
 def moe_per_shard(fn, tokens: tuple, params: tuple, *, impl: str, interpret: str | None):
-  """fn(*tokens, *params) -> [tokens, d]: the routed expert computation. With the Pallas grouped matmul it
-  runs per token shard (group sizes must be shard-local), the expert weights gathered on every shard;
-  XLA's ragged_dot is left to GSPMD. (Expert parallelism with all-to-all is the scale-out issue.)"""
-  if resolve(impl, interpret, allowed=("auto", "xla", "pallas")) == "xla":
+  """fn(*tokens, *params) -> [tokens, d]: the routed expert computation. Expert-parallel when the mesh's
+  'expert' axis shards the experts (`moe_expert_parallel`). Otherwise, with the Pallas grouped matmul it
+  runs per token shard (group sizes must be shard-local), the expert weights gathered on every shard, and
+  XLA's ragged_dot is left to GSPMD."""
+  impl = resolve(impl, interpret, allowed=("auto", "xla", "pallas"))
+  if expert_parallel_size(params[0].shape[0]) > 1:
+    return moe_expert_parallel(fn, *tokens, *params)
+  if impl == "xla":
     return fn(*tokens, *params)
   mesh = jax.sharding.get_abstract_mesh()
   batch = None if mesh.empty else _batch_axes(tokens[0].shape[0], mesh)
   specs = tuple(P(batch, *[None] * (t.ndim - 1)) for t in tokens) + tuple(P() for _ in params)
   return per_shard(fn, (*tokens, *params), specs, P(batch, None))
+
+
+def moe_expert_parallel(fn, xf, weights, experts, gate, up, down):
+  """Expert parallelism: each shard of the 'expert' axis (size ep) holds E/ep experts and computes only
+  their contributions, for every token of its expert group (the ep shards that share data/fsdp indices).
+
+  Tokens xf [T, d] with their top-k weights/experts [T, k] are split over the batch axes (data, fsdp,
+  expert). Inside `shard_map`: all-gather the group's tokens and routing over 'expert' (T_g = ep * T_l
+  rows), run `fn` (the routed experts, offset to this shard's first expert: grouped matmuls with the local
+  group sizes, other experts' rows left zero), then `psum_scatter` over 'expert' hands each token owner the
+  sum of the k contributions. The 'mlp' dimension of the weights stays as RULES shard it ('tensor'): each
+  tensor shard computes a slice of the SwiGLU hidden units, an exact split, and a psum over 'tensor' adds
+  the partial down projections. 'embed' enters gathered (GSPMD's all-gather, as FSDP). The router, top-k
+  and load-balancing statistics stay outside, on the global tokens, so they are unchanged.
+
+  Communication per layer and shard, forward (the backward pass runs the transposes, the same volume):
+  all-gather receives (ep - 1) * T_l * d activations (+ the small [T_l, k] routing), psum_scatter sends
+  (ep - 1) * T_l * d. The alternative, a fixed-capacity all_to_all, must size each destination's buffer
+  for the worst case to drop nothing (all T_l * k assignments of a shard going to one destination), so it
+  moves (ep - 1) * T_l * k * d each way: k times more. A ragged all-to-all (no padding; TPU/GPU) moves
+  about T_l * k * (ep - 1) / ep * d when the load is balanced: fewer bytes than this once ep > k (the
+  Qwen3-MoE models have k = 8), at the price of data-dependent buffer sizes. Compute is the same for all:
+  each shard multiplies ~T_l * k rows on average, in a static buffer of T_g * k rows (the exact worst case).
+
+  When T does not split over 'expert' (e.g. a short decode batch) the tokens are already whole on every
+  expert shard: no gather, and a psum over 'expert' sums the contributions.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  n_local = gate.shape[0] // mesh.shape["expert"]
+  batch = _batch_axes(xf.shape[0], mesh)
+  split = "expert" in (batch if isinstance(batch, tuple) else (batch,))
+  mlp = logical_to_spec(("expert", "embed", "mlp"), gate.shape, mesh)[2]
+  tok, in_w, out_w = P(batch, None), P("expert", None, mlp), P("expert", mlp, None)
+
+  def body(x, w, e, gate, up, down):
+    if split:
+      x, w, e = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, w, e))
+    y = fn(x, w, e, gate, up, down, offset=jax.lax.axis_index("expert") * n_local)
+    # Scatter first: the psum over 'tensor' then adds T_l rows rather than T_g.
+    y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True) if split else jax.lax.psum(y, "expert")
+    return y if mlp is None else jax.lax.psum(y, mlp)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, in_w, in_w, out_w), out_specs=tok,
+                       check_vma=False)(xf, weights, experts, gate, up, down)

@@ -84,11 +84,9 @@ def accuracy_table(records) -> str:
   return "\n".join(lines)
 
 
-@nnx.jit
-def _eval_terms(model, batch):
-  logits = model(batch["input_ids"], batch.get("pixel_values"), position_ids=batch["position_ids"],
-                 segment_ids=batch["segment_ids"])
-  return sft.weighted_next_token_ce(logits, batch["labels"], batch["loss_weights"])
+@nnx.jit(static_argnames="loss_chunk")
+def _eval_terms(model, batch, loss_chunk):
+  return sft.next_token_terms(model, batch, loss_chunk=loss_chunk)[0]
 
 
 class Evaluator:
@@ -114,7 +112,7 @@ class Evaluator:
           break
         local = batches.empty_batch()  # every host runs the same number of (collective) steps
       with jax.set_mesh(self.mesh):
-        terms = _eval_terms(model, sft.global_batch(local, self.mesh))
+        terms = _eval_terms(model, sft.global_batch(local, self.mesh), self.cfg.get("loss_chunk", 0))
       c, ws, k = (float(t) for t in jax.device_get(terms))
       ce, w, n = ce + c, w + ws, n + k
     batches.close()

@@ -7,7 +7,8 @@ Call contract:
   0 = padding). Optional: position_ids [batch, seq] (default 0..seq-1; RoPE is relative, so a constant
   shift from left padding changes nothing), segment_ids [batch, seq] for packed rows (tokens attend only
   within their segment; 0 = padding; overrides attention_mask), return_aux=True to also get
-  {'moe_aux_loss': ...} for training, rngs (with a 'dropout' stream) to turn on drop path.
+  {'moe_aux_loss': ...} for training, return_hidden=True for the final normed hidden states [batch, seq, d]
+  instead of logits (for a chunked loss), rngs (with a 'dropout' stream) to turn on drop path.
   Packed training rows pass pixel_values per row, [batch, R, H, W, 3]: row b's tiles in the order of its
   <IMG_CONTEXT> runs, then zero tiles up to the row's tile budget R (the data pipeline has checked each
   row's count, so rows shard over the batch axes with their own tiles).
@@ -89,7 +90,7 @@ class InternVL(nnx.Module):
     return extract_feature(self.vision_model(pixel_values, rngs=rngs), self.mlp1, self.cfg.downsample_ratio)
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None, segment_ids=None,
-               return_aux: bool = False, rngs: nnx.Rngs | None = None):
+               return_aux: bool = False, return_hidden: bool = False, rngs: nnx.Rngs | None = None):
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -117,7 +118,8 @@ class InternVL(nnx.Module):
       segment_ids = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, aux = self.language_model(embeds, jnp.asarray(position_ids), jnp.asarray(segment_ids))
+    logits, aux = self.language_model(embeds, jnp.asarray(position_ids), jnp.asarray(segment_ids),
+                                      return_hidden=return_hidden)
     if return_aux:
       return logits, {"moe_aux_loss": aux if aux is not None else jnp.zeros((), jnp.float32)}
     return logits

@@ -1,6 +1,7 @@
 """Mixture-of-experts feed-forward (Qwen3-MoE): softmax router, top-k, optional renormalisation of the
 top-k weights (`norm_topk_prob`), experts as grouped matmuls over tokens sorted by expert
-(`dispatch.grouped_matmul`: ragged_dot or the Pallas kernel), and the
+(`dispatch.grouped_matmul`: ragged_dot or the Pallas kernel; expert-parallel under a Mesh with an 'expert'
+axis, see `dispatch.moe_expert_parallel`), and the
 statistics of the Switch-style load-balancing loss (the same formula as transformers'
 `load_balancing_loss_func`)."""
 from __future__ import annotations
@@ -41,18 +42,27 @@ def load_balancing_loss(counts, prob_sums, rows):
   return num_experts * jnp.sum((counts / rows) * (prob_sums / rows))
 
 
-def routed_experts(xf, weights, experts, gate, up, down, *, impl: str = "auto", interpret: str | None = None):
+def routed_experts(xf, weights, experts, gate, up, down, *, offset=0, impl: str = "auto",
+                   interpret: str | None = None):
   """SwiGLU experts over tokens sorted by expert: xf [T, d], top-k weights/experts [T, k], expert
-  weights [E, d, I] / [E, I, d] -> [T, d]. All expert matmuls go through `dispatch.grouped_matmul`."""
-  k, num_experts = experts.shape[1], gate.shape[0]
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  weights [E_local, d, I] / [E_local, I, d] for experts offset..offset+E_local-1 -> [T, d].
+
+  Assignments to experts outside that range (held by other expert shards) sort after every group, where
+  the grouped matmul leaves zero rows, and their weight is zeroed, so they add nothing here. With
+  offset 0 and all E experts this is the whole layer. Expert matmuls go through
+  `dispatch.grouped_matmul`."""
+  k, n_local = experts.shape[1], gate.shape[0]
+  local = experts.reshape(-1) - offset
+  mine = (local >= 0) & (local < n_local)
+  local = jnp.where(mine, local, n_local)
+  order = jnp.argsort(local, stable=True)
   token = order // k
-  sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  sizes = jnp.bincount(local, length=n_local).astype(jnp.int32)  # the out-of-range id n_local is not counted
   xs = xf[token]
   gmm = lambda lhs, rhs: dispatch.grouped_matmul(lhs, rhs, sizes, impl=impl, interpret=interpret)
   h = jax.nn.silu(gmm(xs, gate)) * gmm(xs, up)
-  out = gmm(h, down) * weights.reshape(-1)[order][:, None].astype(xf.dtype)
+  scale = jnp.where(mine, weights.reshape(-1), 0)[order]
+  out = gmm(h, down) * scale[:, None].astype(xf.dtype)
   return jnp.zeros_like(xf).at[token].add(out)
 
 

@@ -144,13 +144,19 @@ class Qwen3Decoder(nnx.Module):
   def embed(self, input_ids):
     return self.embed_tokens[...][input_ids].astype(self.dtype)
 
-  def __call__(self, x, positions, segment_ids, cache=None, logits_at=None, span=None):
+  def head(self):
+    """The output projection [embed, vocab] (the embedding table, transposed, when tied)."""
+    return self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+  def __call__(self, x, positions, segment_ids, cache=None, logits_at=None, span=None, return_hidden=False):
     """x: input embeddings [b, t, d]; positions [b, t]; segment_ids [b, t] (0 = padding).
 
     cache (generation, see generation.py): {'k', 'v': per-layer [b, kv, S, h], 'valid' [b, S], 'index' [b]};
     the t tokens go to slots index..index+t-1, and the updated cache is returned as a third result.
     logits_at [b]: compute logits only at these positions ([b, 1, vocab]), as generation needs.
     span (static): attention reads only cache slots [0, span), which must hold every valid slot.
+    return_hidden: return the final normed hidden states [b, t, d] instead of logits (a chunked loss then
+    applies `head()` piece by piece, never holding [b, t, vocab]).
     """
     if self.cfg.arch == "gpt_oss":
       raise NotImplementedError("the GPT-OSS decoder (InternVL3.5-20B-A4B) forward pass is not implemented yet")
@@ -168,12 +174,13 @@ class Qwen3Decoder(nnx.Module):
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)
     x = self.norm(x)
-    head = self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype))
     aux = None
     if self.cfg.is_moe:
       counts, probs, rows = (sum(s[i] for s in stats) for i in range(3))
       aux = load_balancing_loss(counts, probs, rows)
+    if return_hidden:
+      return x, aux
+    logits = jnp.einsum("btd,dv->btv", x, self.head().astype(self.dtype))
     logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits, aux

@@ -41,6 +41,43 @@ def weighted_next_token_ce(logits, labels, weights):
   return jnp.sum(ce * w), jnp.sum(w), jnp.sum(valid).astype(jnp.float32)
 
 
+def chunked_next_token_ce(hidden, head, labels, weights, chunk: int):
+  """`weighted_next_token_ce` from the final hidden states [B, L, D] and the head [D, V], `chunk` positions at
+  a time under remat: the [B, L, V] logits never exist at once (at 32K tokens x 151,936 vocab they would
+  take 19.9 GB per row in float32); each chunk's logits are recomputed in the backward pass."""
+  b, length, d = hidden.shape
+  h, targets, w = hidden[:, :-1], labels[:, 1:], weights[:, 1:].astype(jnp.float32)
+  n = -(-(length - 1) // chunk)
+  pad = n * chunk - (length - 1)
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(b, n, chunk).swapaxes(0, 1)
+  w = jnp.pad(w, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def piece(h_c, t_c, w_c):
+    logits = jnp.einsum("bcd,dv->bcv", h_c, head.astype(h_c.dtype)).astype(jnp.float32)
+    valid = t_c != IGNORE
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, t_c, 0))
+    w_c = jnp.where(valid, w_c, 0.0)
+    return jnp.stack([jnp.sum(ce * w_c), jnp.sum(w_c), jnp.sum(valid).astype(jnp.float32)])
+
+  sums = jax.lax.map(lambda xs: piece(*xs), (h, targets, w))
+  return sums[:, 0].sum(), sums[:, 1].sum(), sums[:, 2].sum()
+
+
+def next_token_terms(model, batch: dict, *, loss_chunk: int = 0, rngs=None):
+  """The model on a batch -> ((sum of CE * w, sum of w, supervised tokens), MoE aux loss)."""
+  kw = dict(position_ids=batch["position_ids"], segment_ids=batch["segment_ids"], return_aux=True, rngs=rngs)
+  if loss_chunk:
+    hidden, aux = model(batch["input_ids"], batch.get("pixel_values"), return_hidden=True, **kw)
+    terms = chunked_next_token_ce(hidden, model.language_model.head(), batch["labels"], batch["loss_weights"],
+                                  loss_chunk)
+  else:
+    logits, aux = model(batch["input_ids"], batch.get("pixel_values"), **kw)
+    terms = weighted_next_token_ce(logits, batch["labels"], batch["loss_weights"])
+  return terms, aux["moe_aux_loss"]
+
+
 @struct.dataclass
 class TrainState:
   """Everything a step changes, as a pytree: the trainable parameters, the frozen ones (kept apart so that
@@ -57,6 +94,7 @@ class StepConfig:
   accum_steps: int = 1  # micro-batches per step; the loss is still normalised by the whole batch's weights
   aux_loss_coef: float = 0.0  # MoE load-balancing coefficient (the model config's router_aux_loss_coef)
   drop_path: bool = False  # sample drop-path masks (the ViT's drop_path_rate)
+  loss_chunk: int = 0  # > 0: compute the loss this many positions at a time (long packed rows)
 
 
 def _micro_batches(batch: dict, accum: int) -> dict:
@@ -80,10 +118,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, rest, tx: optax.Grad
   def loss_fn(params, micro, index):
     model = nnx.merge(graphdef, params, state.frozen, rest)
     rngs = nnx.Rngs(dropout=jax.random.fold_in(key, index)) if cfg.drop_path else None
-    logits, aux = model(micro["input_ids"], micro.get("pixel_values"), position_ids=micro["position_ids"],
-                        segment_ids=micro["segment_ids"], return_aux=True, rngs=rngs)
-    ce_sum, w_sum, n = weighted_next_token_ce(logits, micro["labels"], micro["loss_weights"])
-    aux_loss = aux["moe_aux_loss"] / cfg.accum_steps
+    (ce_sum, _, n), aux = next_token_terms(model, micro, loss_chunk=cfg.loss_chunk, rngs=rngs)
+    aux_loss = aux / cfg.accum_steps
     return ce_sum / weight_sum + cfg.aux_loss_coef * aux_loss, (ce_sum, n, aux_loss)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

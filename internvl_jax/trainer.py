@@ -235,7 +235,8 @@ def train(cfg, workdir: str) -> dict:
     print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
 
   step_cfg = sft.StepConfig(accum_steps=cfg.accum_steps, aux_loss_coef=model_cfg.text.router_aux_loss_coef
-                            if model_cfg.text.is_moe else 0.0, drop_path=model_cfg.vision.drop_path_rate > 0)
+                            if model_cfg.text.is_moe else 0.0, drop_path=model_cfg.vision.drop_path_rate > 0,
+                            loss_chunk=cfg.loss_chunk)
   writer = MetricsWriter(workdir, total_steps=cfg.steps, tensorboard=cfg.get("tensorboard", True))
   evaluator = evaluation.Evaluator(cfg, processor, local_rows, mesh) if cfg.eval.meta else None
   step_fn = None
@@ -270,7 +271,10 @@ def train(cfg, workdir: str) -> dict:
       last.update({f"eval_{k}": v for k, v in results["metrics"].items()})
       tokens, t0 = 0, time.time()  # tokens/s measures training only
   checkpointer.close()
-  if cfg.get("export", "hf"):
+  if cfg.get("export", "hf") and jax.process_count() > 1:
+    print("export skipped: save_pretrained writes from one process; export the last checkpoint on one host",
+          flush=True)
+  elif cfg.get("export", "hf"):
     export(model_of(state, setup), os.path.join(workdir, "export"), tok_dir, layout=cfg.export)
   writer.close()
   return last

@@ -54,6 +54,17 @@ def test_pallas_model_per_shard_under_a_mesh(models):
   assert np.abs(got[valid] - want[valid]).max() <= 1e-5 * np.abs(want[valid]).max()
 
 
+def test_pallas_model_expert_parallel(models):
+  """Experts split over 'expert' (4 shards of the 4 experts), the Pallas gmm per shard."""
+  xla, pallas = models
+  ids, mask, pixels = make_batch(seed=10)
+  want = np.asarray(ij.forward(xla, ids, pixels, mask))
+  with jax.set_mesh(sharding.make_mesh({"expert": 4, "fsdp": 2})):
+    got = np.asarray(ij.forward(pallas, ids, pixels, mask))
+  valid = mask.astype(bool)
+  assert np.abs(got[valid] - want[valid]).max() <= 1e-5 * np.abs(want[valid]).max()
+
+
 def test_resolution_and_errors():
   assert dispatch.resolve("auto", None, allowed=("auto", "xla", "pallas")) == "xla"  # CPU
   assert dispatch.resolve("auto", "gpu", allowed=("auto", "xla", "pallas")) == "pallas"
