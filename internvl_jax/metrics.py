@@ -58,3 +58,15 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def read_losses(workdir: str) -> dict[int, float]:
+  """step -> training loss from `metrics.jsonl`, the last line per step winning (a killed and resumed run
+  re-does the steps after its checkpoint)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if r["kind"] == "train":
+        out[r["step"]] = r["loss"]
+  return out

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from internvl_jax.metrics import read_losses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -57,12 +59,7 @@ def run_job(workdir, data, steps, processes):
 
 
 def losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if r["kind"] == "train":
-        out[r["step"]] = r["loss"]
+  out = read_losses(workdir)
   return [out[s] for s in sorted(out)]
 
 

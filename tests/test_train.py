@@ -1,7 +1,6 @@
 """train.py end to end on a small digits set: a run killed with SIGKILL and resumed by rerunning the same
 command follows the uninterrupted run's loss curve exactly; the export is read by from_pretrained and the
 Processor; config overrides; the console line, metrics.jsonl and TensorBoard files."""
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+
+from internvl_jax.metrics import read_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 24, 4
@@ -36,15 +37,6 @@ def env():
   return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
 
 
-def losses(workdir):
-  """step -> loss, the last line per step winning (a killed run re-does the steps after its checkpoint)."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if r["kind"] == "train":
-        out[r["step"]] = r["loss"]
-  return out
 
 
 def test_killed_run_resumes_on_the_same_curve(digits_dir, tmp_path):
@@ -57,19 +49,20 @@ def test_killed_run_resumes_on_the_same_curve(digits_dir, tmp_path):
   proc = subprocess.Popen(command(killed, digits_dir), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 600
   while time.time() < deadline:  # kill a few steps after the second checkpoint, mid-run
-    if os.path.exists(os.path.join(killed, "metrics.jsonl")) and max(losses(killed), default=0) >= 2 * EVERY + 2:
+    done_steps = read_losses(killed) if os.path.exists(os.path.join(killed, "metrics.jsonl")) else {}
+    if max(done_steps, default=0) >= 2 * EVERY + 2:
       break
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  before = max(losses(killed))
+  before = max(read_losses(killed))
   assert before < STEPS, "the run finished before it could be killed"
   resumed = subprocess.run(command(killed, digits_dir), env=env(), capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stdout
 
-  a, b = losses(full), losses(killed)
+  a, b = read_losses(full), read_losses(killed)
   assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
   np.testing.assert_array_equal([b[s] for s in sorted(b)], [a[s] for s in sorted(a)])
   assert a[STEPS] < a[1]
