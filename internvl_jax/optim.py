@@ -12,10 +12,6 @@ from flax import nnx
 PARTS = ("vision_model", "mlp1", "language_model")
 
 
-def _path_str(path) -> str:
-  return "/".join(str(p) for p in path)
-
-
 def decays(path) -> bool:
   """Weight decay applies to every parameter except biases and normalisation weights, as transformers'
   Trainer does (`get_decay_parameter_names`): the official runs train through it."""

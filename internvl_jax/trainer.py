@@ -150,6 +150,10 @@ def write_model_folder(folder: str, model_cfg: InternVLConfig, tok_dir: str) -> 
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(ckpt_lib.config_to_dict(model_cfg, "hf"), f, indent=2)
+  _copy_tokenizer(tok_dir, folder)
+
+
+def _copy_tokenizer(tok_dir: str, folder: str) -> None:
   for name in TOKENIZER_FILES:
     if os.path.exists(os.path.join(tok_dir, name)):
       shutil.copy(os.path.join(tok_dir, name), os.path.join(folder, name))
@@ -158,9 +162,7 @@ def write_model_folder(folder: str, model_cfg: InternVLConfig, tok_dir: str) -> 
 def export(model: InternVL, folder: str, tok_dir: str, layout: str = "hf") -> None:
   """A released-format checkpoint (config, safetensors, tokenizer) of the trained weights."""
   ckpt_lib.save_pretrained(model, folder, layout=layout)
-  for name in TOKENIZER_FILES:
-    if os.path.exists(os.path.join(tok_dir, name)):
-      shutil.copy(os.path.join(tok_dir, name), os.path.join(folder, name))
+  _copy_tokenizer(tok_dir, folder)
 
 
 # ------------------------------------------------------------------------------------------ state
