@@ -1,11 +1,11 @@
 """JAX-native generation: prefill (vision + text) into a preallocated KV cache, then one jitted decode
 step per token with the cache donated, greedy or sampled (temperature, top-k, top-p, repetition penalty).
 
-Shapes are bucketed so a long-running process compiles a bounded set of programs: prompt lengths and
-tile counts round up to powers of two (at least 16 tokens / 1 tile), batch sizes to powers of two, cache
-lengths to powers of two covering prompt + new tokens. A process that sees prompts up to L tokens, up to
-T tiles, batches up to B and caches up to C compiles at most log2(L/16)+1 x log2(T)+1 x log2(B)+1
-prefill programs and log2(C/16)+1 x log2(B)+1 x log2(C/64)+1 decode programs (cache length, batch, and the
+Shapes are bucketed so a long-running process compiles a bounded set of programs: prompt lengths round
+up to powers of two from 16 to 128 and then to four steps per octave (`length_bucket`), tile counts and
+batch sizes to powers of two, cache lengths to powers of two covering prompt + new tokens. A process that
+sees prompts up to L tokens (L >= 128), up to T tiles, batches up to B and caches up to C compiles at most
+(4 log2(L/128) + 4) x (log2(T)+1) x (log2(B)+1) prefill programs and log2(C/16)+1 x log2(B)+1 x log2(C/64)+1 decode programs (cache length, batch, and the
 span of slots attention reads, a power of two >= 64 covering the longest active row), one per combination
 it meets.
 
@@ -30,6 +30,16 @@ def bucket(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def length_bucket(n: int) -> int:
+  """Prompt-length bucket: powers of two up to 128 (at least 16), then four steps per octave (128, 160,
+  192, 224, 256, 320, ...), so padding wastes at most 25% of a prefill instead of up to 50%."""
+  n = max(int(n), 16)
+  if n <= 128:
+    return bucket(n)
+  step = bucket(n) // 8  # n lies in (4 * step, 8 * step]
+  return -(-n // step) * step
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """Per-request sampling settings. temperature 0 = greedy; top_k 0 and top_p 1 disable those filters."""
@@ -41,12 +51,12 @@ class Sampling:
 
 
 def init_cache(cfg, batch: int, length: int):
-  """An empty KV cache: per-layer keys and values [batch, kv_heads, length, head_dim], slot validity, and
-  each row's next write slot."""
+  """An empty KV cache: per-layer keys [batch, kv_heads, length, head_dim] and values [batch, kv_heads,
+  head_dim, length] (see qwen3.Attention), slot validity, and each row's next write slot."""
   t = cfg.text
-  shape = (batch, t.num_kv_heads, length, t.head_dim)
-  zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(t.num_layers))
-  return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, length), bool),
+  zeros = lambda *shape: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(t.num_layers))
+  return {"k": zeros(batch, t.num_kv_heads, length, t.head_dim),
+          "v": zeros(batch, t.num_kv_heads, t.head_dim, length), "valid": jnp.zeros((batch, length), bool),
           "index": jnp.zeros((batch,), jnp.int32)}
 
 
@@ -130,7 +140,10 @@ class Engine:
     """rows: token id arrays (unpadded); pixel_values: all tiles in row order, or None.
     -> (last-position logits [B_bucket, V], cache, B_bucket)."""
     b = bucket(len(rows))
-    t = bucket(max(len(r) for r in rows), 16)
+    longest = max(len(r) for r in rows)
+    if longest > cache_len:
+      raise ValueError(f"a prompt of {longest} tokens does not fit a cache of {cache_len} slots")
+    t = min(length_bucket(longest), cache_len)
     ids = np.zeros((b, t), np.int32)
     mask = np.zeros((b, t), np.int32)
     for i, r in enumerate(rows):
@@ -192,7 +205,7 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   check_vocab(ids, model.cfg.text.vocab_size)
   rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
   engine, state = engine_for(model), nnx.state(model)
-  cache_len = bucket(bucket(max(len(r) for r in rows), 16) + max_new_tokens, 16)
+  cache_len = bucket(length_bucket(max(len(r) for r in rows)) + max_new_tokens, 16)
   logits, cache, b = engine.prefill(state, rows, None if pixel_values is None else np.asarray(pixel_values), cache_len)
   settings = settings_arrays([Sampling(temperature, top_k, top_p, repetition_penalty)] * len(rows), b)
   seen = np.zeros((b, model.cfg.text.vocab_size), bool)

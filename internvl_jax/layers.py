@@ -117,15 +117,55 @@ def masked_attention(q, k, v, mask=None, scale: float | None = None):
   return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
-def cached_attention(q, k_cache, v_cache, mask):
-  """Attention of new queries q [b, t, n, h] over a KV cache [b, kv, S, h] with mask [b, t, S]."""
+def headwise_attention(q, k, v, mask=None, scale: float | None = None):
+  """masked_attention, one (row, kv head) at a time under lax.map. Same inputs and result.
+
+  On the CPU this is ~4x faster for long sequences (InternViT's 1,025 tokens: 29 vs 122 ms per layer):
+  one head's [g*t, s] logits stay in cache through max, exp, sum and the value product, where the batched
+  form streams all heads' logits through memory once per pass. On accelerators the flash kernels run.
+  """
   b, t, n, h = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  if n % kv:
+    raise ValueError(f"{n} query heads are not a multiple of {kv} kv heads")
+  g = n // kv
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  qs = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, h)
+  ks = k.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
+  vs = v.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
+  masks = None if mask is None else jnp.broadcast_to(mask[:, None], (b, kv, t, s)).reshape(b * kv, t, s)
+
+  def one(args):
+    qi, ki, vi, mi = args
+    logits = jnp.einsum("qh,sh->qs", qi, ki, preferred_element_type=jnp.float32) * scale
+    if mi is not None:
+      logits = jnp.where(jnp.tile(mi, (g, 1)), logits, NEG_INF)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum("qs,sh->qh", e.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(q.dtype)
+
+  out = jax.lax.map(one, (qs, ks, vs, masks))  # [b*kv, g*t, h]
+  return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def cached_attention(q, k_cache, v_cache, mask):
+  """Attention of new queries q [b, t, n, h] over a KV cache, keys [b, kv, S, h] and values [b, kv, h, S],
+  with mask [b, t, S]."""
+  b, t, n, h = q.shape
+  if t > 1 and headwise_pays():  # a prefill
+    return headwise_attention(q, k_cache.transpose(0, 2, 1, 3).astype(q.dtype),
+                              v_cache.transpose(0, 3, 1, 2).astype(q.dtype), mask)
   kv = k_cache.shape[1]
   qg = q.reshape(b, t, kv, n // kv, h)
   logits = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
   logits = jnp.where(mask[:, None, None, :, :], logits / math.sqrt(h), NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bksh->btkgh", probs, v_cache.astype(q.dtype)).reshape(b, t, n, h)
+  return jnp.einsum("bkgts,bkhs->btkgh", probs, v_cache.astype(q.dtype)).reshape(b, t, n, h)
+
+
+def headwise_pays() -> bool:
+  """headwise_attention on the CPU without a mesh; under a mesh the batched form lets GSPMD shard heads."""
+  return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
 
 
 def xla_attention(q, k, v, *, causal: bool, segment_ids=None, scale: float | None = None):
@@ -137,6 +177,8 @@ def xla_attention(q, k, v, *, causal: bool, segment_ids=None, scale: float | Non
     mask = decoder_mask(segment_ids, causal)
   elif causal:
     mask = jnp.tril(jnp.ones((t, s), bool), s - t)[None]
+  if headwise_pays():
+    return headwise_attention(q, k, v, mask, scale)
   return masked_attention(q, k, v, mask, scale)
 
 

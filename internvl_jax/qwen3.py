@@ -47,25 +47,42 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, kv=None, cache=None):
     """Without a cache: causal attention over x. With one (generation): the new keys/values are written
-    at cache['index'] + 0..t-1 of kv = (k_cache, v_cache) [b, S, kv, h], and the queries attend to every
+    at cache['index'] + 0..t-1 of kv = (k_cache [b, kv, S, h], v_cache [b, kv, h, S]), and the queries attend to every
     valid cache slot up to their own; returns (out, new kv)."""
     dt = x.dtype
-    q = self.q_norm(jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt)))
-    k = self.k_norm(jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt)))
-    v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+    q = self.q_norm(self.project_in(x, self.q_proj))
+    k = self.k_norm(self.project_in(x, self.k_proj))
+    v = self.project_in(x, self.v_proj)
     q = rope(q, positions, self.cfg.rope_theta)
     k = rope(k, positions, self.cfg.rope_theta)
     if cache is None:
       out = dispatch.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.impl,
                                interpret=self.interpret)
-      return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
-    k_cache, v_cache = kv  # [b, kv, S, h]: heads before slots, so the attention dots need no transpose
+      return self.project_out(out)
+    # keys [b, kv, S, h], values [b, kv, h, S]: both decode products (q.k over h, p.v over S) then contract
+    # each cache over its minor dimension, the layout XLA:CPU streams at memory speed
+    k_cache, v_cache = kv
     rows, slots = cache["rows"], cache["slots"]
     k_cache = k_cache.at[rows, :, slots].set(k.astype(k_cache.dtype))
-    v_cache = v_cache.at[rows, :, slots].set(v.astype(v_cache.dtype))
+    v_cache = v_cache.at[rows, :, :, slots].set(v.astype(v_cache.dtype))
     span = cache["span"]  # attend over the first `span` slots only: all that can be valid yet
-    out = cached_attention(q, k_cache[:, :, :span], v_cache[:, :, :span], cache["mask"][:, :, :span])
-    return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt)), (k_cache, v_cache)
+    out = cached_attention(q, k_cache[:, :, :span], v_cache[..., :span], cache["mask"][:, :, :span])
+    return self.project_out(out), (k_cache, v_cache)
+
+  @staticmethod
+  def project_in(x, proj):
+    """x [b, t, d] @ proj [d, heads, h] -> [b, t, heads, h], as one 2-D product (see project_out)."""
+    d, heads, h = proj.shape
+    y = jnp.einsum("btd,df->btf", x, proj[...].astype(x.dtype).reshape(d, heads * h))
+    return y.reshape(*x.shape[:2], heads, h)
+
+  def project_out(self, out):
+    """[b, t, n, h] -> [b, t, d] over the flattened heads: contracting (n, h) as one dimension makes XLA
+    lay out the small activation to match the weight, where it otherwise copied the whole [n, h, d]
+    weight into (h, n) order on every decode step (8 MB, ~5 ms per layer on the CPU)."""
+    b, t, n, h = out.shape
+    w = self.o_proj[...].astype(out.dtype).reshape(n * h, -1)
+    return jnp.einsum("btf,fd->btd", out.reshape(b, t, n * h), w)
 
 
 class MLP(nnx.Module):

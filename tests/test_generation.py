@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import internvl_jax as ij
-from internvl_jax.generation import split_thinking
+from internvl_jax.generation import length_bucket, split_thinking
 from conftest import IMAGE_TOKEN
 
 
@@ -53,6 +53,28 @@ def test_repetition_penalty_matches_transformers(hf_checkpoint):
   got = ij.generate(ij.from_pretrained(path), ids, pixels, attention_mask=mask, max_new_tokens=32, eos_token_ids=(),
                     repetition_penalty=1.5)
   np.testing.assert_array_equal(got, want)
+
+
+def test_long_prompt_in_a_quarter_octave_bucket_matches_transformers(hf_checkpoint):
+  """150 tokens pad to the 160 bucket (not 256), and rows of 150 and 131 share it, left-padded."""
+  path, hf = hf_checkpoint("dense")
+  rng = np.random.default_rng(2)
+  ids, mask = np.zeros((2, 150), np.int64), np.zeros((2, 150), np.int64)
+  for i, n in enumerate((150, 131)):
+    ids[i, 150 - n:], mask[i, 150 - n:] = rng.integers(0, IMAGE_TOKEN, n), 1
+  with torch.no_grad():
+    want = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=16,
+                       do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, 150:]
+  got = ij.generate(ij.from_pretrained(path), ids, attention_mask=mask, max_new_tokens=16, eos_token_ids=())
+  np.testing.assert_array_equal(got, want)
+
+
+def test_length_buckets_bound_padding_and_programs():
+  sizes = [length_bucket(n) for n in range(1, 4097)]
+  assert all(s >= n for n, s in enumerate(sizes, 1)) and sizes[375] == 384 and length_bucket(1) == 16
+  assert all(s <= 1.25 * n for n, s in enumerate(sizes, 1) if n > 128)  # at most 25% padding
+  assert sorted(set(sizes)) == [16, 32, 64, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
+                                1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096]
 
 
 @pytest.fixture(scope="module")
