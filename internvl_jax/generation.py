@@ -5,9 +5,9 @@ Shapes are bucketed so a long-running process compiles a bounded set of programs
 up to powers of two from 16 to 128 and then to four steps per octave (`length_bucket`), tile counts and
 batch sizes to powers of two, cache lengths to powers of two covering prompt + new tokens. A process that
 sees prompts up to L tokens (L >= 128), up to T tiles, batches up to B and caches up to C compiles at most
-(4 log2(L/128) + 4) x (log2(T)+1) x (log2(B)+1) prefill programs and log2(C/16)+1 x log2(B)+1 x log2(C/64)+1 decode programs (cache length, batch, and the
-span of slots attention reads, a power of two >= 64 covering the longest active row), one per combination
-it meets.
+(4 log2(L/128) + 4) x (log2(T)+1) x (log2(B)+1) prefill programs and log2(C/16)+1 x log2(B)+1 x
+log2(C/64)+1 decode programs (cache length, batch, and the span of slots attention reads, a power of two
+>= 64 covering the longest active row), one per combination it meets.
 
 Each row's prompt sits at cache slots 0..len-1 (padding after it is marked invalid and overwritten as the
 row grows), so rows of different lengths decode side by side at their own positions, and a server can

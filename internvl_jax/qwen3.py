@@ -47,8 +47,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, kv=None, cache=None):
     """Without a cache: causal attention over x. With one (generation): the new keys/values are written
-    at cache['index'] + 0..t-1 of kv = (k_cache [b, kv, S, h], v_cache [b, kv, h, S]), and the queries attend to every
-    valid cache slot up to their own; returns (out, new kv)."""
+    at cache['index'] + 0..t-1 of kv = (k_cache [b, kv, S, h], v_cache [b, kv, h, S]), and the queries
+    attend to every valid cache slot up to their own; returns (out, new kv)."""
     dt = x.dtype
     q = self.q_norm(self.project_in(x, self.q_proj))
     k = self.k_norm(self.project_in(x, self.k_proj))
