@@ -28,6 +28,19 @@ def test_image_token_count_mismatch_is_an_error(tiny_moe):
     tiny_moe(ids, None, mask)
   with pytest.raises(Exception, match="IMG_CONTEXT"):  # under jit the check runs on the device values
     jax.block_until_ready(ij.forward(tiny_moe, ids, pixels[:-1], mask))
+  _drain_callback_errors()
+
+
+def _drain_callback_errors():
+  """A failed host callback can also be reported by the CPU client's next dispatch, which would fail an
+  unrelated later test (seen once in CI): let it surface here, where it is expected."""
+  for _ in range(3):
+    try:
+      jax.effects_barrier()
+      jax.block_until_ready(jnp.zeros(1) + 1)
+      return
+    except Exception as e:  # noqa: BLE001 - only the expected mismatch may surface
+      assert "IMG_CONTEXT" in str(e), e
 
 
 def test_bad_call_arguments(tiny_moe):

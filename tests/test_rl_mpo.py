@@ -1,0 +1,143 @@
+"""The MPO and GSPO train steps: at the reference / rollout point their terms take closed-form values,
+training moves the policy the right way, and 8 simulated devices equal 1."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from internvl_jax import optim, sft, sharding, zoo
+from internvl_jax.internvl import init_model
+from internvl_jax.rl import gspo, losses, mpo
+
+TPT = 4  # tokens per tile of the tiny presets
+
+
+def pair_batch(cfg, pairs=4, length=24, seed=0):
+  """P chosen rows then P rejected rows: a shared prompt (one image in even pairs) and different replies."""
+  rng = np.random.default_rng(seed)
+  rows = 2 * pairs
+  b = {k: np.zeros((rows, length), np.int32) for k in ("input_ids", "segment_ids", "position_ids")}
+  b["labels"] = np.full((rows, length), -100, np.int32)
+  b["loss_weights"] = np.zeros((rows, length), np.float32)
+  size = cfg.vision.image_size
+  b["pixel_values"] = np.zeros((rows, 1, size, size, 3), np.float32)
+  for p in range(pairs):
+    prompt = rng.integers(1, 400, int(rng.integers(8, 12)))
+    if p % 2 == 0:
+      prompt[1:1 + TPT] = cfg.image_token_id
+      b["pixel_values"][[p, pairs + p], 0] = rng.standard_normal((size, size, 3))
+    for r in (p, pairs + p):
+      reply = rng.integers(1, 400, int(rng.integers(3, 8)))
+      ids = np.concatenate([prompt, reply])
+      n = len(ids)
+      b["input_ids"][r, :n], b["segment_ids"][r, :n], b["position_ids"][r, :n] = ids, 1, np.arange(n)
+      b["labels"][r, len(prompt):n] = reply
+      b["loss_weights"][r, len(prompt):n] = 1.0
+  return b
+
+
+def _setup(mesh_shape, lr=1e-3):
+  cfg = zoo.get("tiny-dense")
+  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(list(mesh_shape.values())))])
+  model = init_model(cfg, mesh=mesh)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  train, frozen = optim.split_trainable(params, ("mlp1", "language_model"))
+  ocfg = ml_collections.ConfigDict(dict(lr=lr, warmup=0, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-4, clip_norm=1.0))
+  tx, _ = optim.make_optimizer(ocfg, 100)
+  state = sft.TrainState(step=jnp.zeros((), jnp.int32), params=train, frozen=frozen, opt_state=tx.init(train),
+                         key=jax.random.key_data(jax.random.key(0)))
+  state_sh = sft.state_shardings(jax.eval_shape(lambda s: s, state), mesh, tx)
+  state = jax.device_put(state, state_sh)
+  batch = pair_batch(cfg)
+  batch_sh = sft.batch_sharding(mesh, dict(batch, ref_logps=np.zeros((8,), np.float32)))
+  step, ref = mpo.make_mpo_step(graphdef, rest, tx, mesh, state_sh, batch_sh)
+  batch["ref_logps"] = np.asarray(ref(params, jax.device_put(batch, {k: batch_sh[k] for k in batch})))
+  return state, step, jax.device_put(batch, batch_sh)
+
+
+def _run(mesh_shape, steps):
+  state, step, batch = _setup(mesh_shape)
+  bco, history = losses.bco_init(), []
+  for _ in range(steps):
+    state, bco, metrics = step(state, bco, batch)
+    history.append(jax.device_get(metrics))
+  return history, jax.device_get(state.params), bco
+
+
+def test_first_step_sits_at_the_reference_and_training_raises_the_margin():
+  history, _, bco = _run({"fsdp": 1}, steps=6)
+  first = history[0]
+  # policy == reference: every reward is 0, so sigmoid = log 2, bco_pair = 2 log 2 (δ = 0)
+  np.testing.assert_allclose(first["loss/sigmoid"], np.log(2), rtol=1e-5)
+  np.testing.assert_allclose(first["loss/bco_pair"], 2 * np.log(2), rtol=1e-5)
+  np.testing.assert_allclose(first["rewards/margins"], 0, atol=1e-5)
+  assert history[-1]["rewards/margins"] > 0.05 and history[-1]["loss/sigmoid"] < np.log(2)
+  assert float(bco.count) == pytest.approx(6)
+
+
+def test_eight_devices_equal_one():
+  one, p1, b1 = _run({"fsdp": 1}, steps=3)  # the first step has lr 0 (warmup), so two of them move
+  eight, p8, b8 = _run({"fsdp": 4, "tensor": 2}, steps=3)
+  for m1, m8 in zip(one, eight):
+    for k in ("loss", "loss/sigmoid", "loss/bco_pair", "loss/sft", "bco/delta"):
+      np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(b8.mean), float(b1.mean), rtol=2e-5, atol=1e-7)
+
+
+def _gspo_setup(mesh_shape, policy_loss="gspo"):
+  """8 rollouts (2 prompts x G = 4), rewards fixed per response; old log-probs from the starting policy."""
+  cfg = zoo.get("tiny-dense")
+  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(list(mesh_shape.values())))])
+  model = init_model(cfg, mesh=mesh)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  train, frozen = optim.split_trainable(params, ("language_model",))
+  ocfg = ml_collections.ConfigDict(dict(lr=3e-4, warmup=0, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-4, clip_norm=1.0))
+  tx, _ = optim.make_optimizer(ocfg, 100)
+  state = sft.TrainState(step=jnp.zeros((), jnp.int32), params=train, frozen=frozen, opt_state=tx.init(train),
+                         key=jax.random.key_data(jax.random.key(0)))
+  state_sh = sft.state_shardings(jax.eval_shape(lambda s: s, state), mesh, tx)
+  batch = pair_batch(cfg, pairs=4, seed=1)
+  rewards = np.array([1, 0, 0, 1, 1, 1, 0, 0], np.float32).reshape(2, 4)
+  batch["advantages"] = np.asarray(losses.group_advantages(rewards)).reshape(-1)
+  with jax.set_mesh(mesh):
+    old, _ = jax.jit(lambda p, b: mpo.policy_token_logps(nnx.merge(graphdef, p, rest), b))(params, batch)
+  batch["old_logps"] = np.asarray(old)
+  batch_sh = sft.batch_sharding(mesh, batch)
+  step = gspo.make_gspo_step(graphdef, rest, tx, mesh, state_sh, batch_sh, policy_loss=policy_loss)
+  return jax.device_put(state, state_sh), step, jax.device_put(batch, batch_sh)
+
+
+def _gspo_run(mesh_shape, steps, **kw):
+  state, step, batch = _gspo_setup(mesh_shape, **kw)
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    history.append(jax.device_get(metrics))
+  return history, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("policy_loss", ["gspo", "grpo"])
+def test_gspo_step_starts_at_ratio_one_and_follows_the_advantages(policy_loss):
+  history, _ = _gspo_run({"fsdp": 1}, steps=5, policy_loss=policy_loss)
+  # on-policy: every ratio is 1, nothing is clipped, and the loss is -mean(A) = 0 for normalised groups
+  np.testing.assert_allclose(history[0]["ratio_mean"], 1.0, rtol=1e-6)
+  assert history[0]["clip_frac"] == 0
+  np.testing.assert_allclose(history[0]["loss"], 0.0, atol=1e-6)
+  # the policy moves towards the rewarded responses: the surrogate (-A · ratio) falls below 0
+  assert history[-1]["loss"] < -1e-3
+
+
+def test_gspo_step_eight_devices_equal_one():
+  one, p1 = _gspo_run({"fsdp": 1}, steps=3)
+  eight, p8 = _gspo_run({"fsdp": 4, "tensor": 2}, steps=3)
+  for m1, m8 in zip(one, eight):
+    for k in ("loss", "ratio_mean", "clip_frac"):
+      np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
