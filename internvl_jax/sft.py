@@ -135,13 +135,17 @@ def train_step(state: TrainState, batch: dict, *, graphdef, rest, tx: optax.Grad
     init = (zeros, tuple(jnp.zeros((), jnp.float32) for _ in range(4)))
     (grads, (loss, ce_sum, n, aux)), _ = jax.lax.scan(
         body, init, (_micro_batches(batch, cfg.accum_steps), jnp.arange(cfg.accum_steps)))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "ce": ce_sum / weight_sum, "moe_aux_loss": aux, "grad_norm": optax.tree.norm(grads),
              "supervised_tokens": n, "weight_sum": weight_sum}
   if lr_schedule is not None:
     metrics["lr"] = lr_schedule(state.step)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return apply_gradients(state, grads, tx), metrics
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation) -> TrainState:
+  """The optimiser update of the trainable parameters, and the step count."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
 
 
 # ------------------------------------------------------------------------------------------ sharding
@@ -178,7 +182,13 @@ def make_train_step(graphdef, rest, tx, cfg: StepConfig, mesh, state_sh, batch_s
   step = jax.jit(functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx, cfg=cfg, lr_schedule=lr_schedule),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 
-  def run(state, batch):
-    with jax.set_mesh(mesh):  # traced under the mesh, so the model's activation constraints apply
-      return step(state, batch)
+  return under_mesh(step, mesh)
+
+
+def under_mesh(fn, mesh):
+  """fn called with `mesh` set, so a jitted step is traced under it and the model's activation constraints
+  apply."""
+  def run(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
   return run

@@ -38,18 +38,23 @@ def pair_batch(cfg, pairs=4, length=24, seed=0):
   return b
 
 
-def _setup(mesh_shape, lr=1e-3):
+def _train_state(mesh_shape, trainable, lr):
+  """The tiny dense model on a mesh of that shape: (cfg, mesh, graphdef, all params, rest, tx, state placed in
+  its shardings, the shardings)."""
   cfg = zoo.get("tiny-dense")
   mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(list(mesh_shape.values())))])
-  model = init_model(cfg, mesh=mesh)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  train, frozen = optim.split_trainable(params, ("mlp1", "language_model"))
+  graphdef, params, rest = nnx.split(init_model(cfg, mesh=mesh), nnx.Param, ...)
+  train, frozen = optim.split_trainable(params, trainable)
   ocfg = ml_collections.ConfigDict(dict(lr=lr, warmup=0, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-4, clip_norm=1.0))
   tx, _ = optim.make_optimizer(ocfg, 100)
   state = sft.TrainState(step=jnp.zeros((), jnp.int32), params=train, frozen=frozen, opt_state=tx.init(train),
                          key=jax.random.key_data(jax.random.key(0)))
   state_sh = sft.state_shardings(jax.eval_shape(lambda s: s, state), mesh, tx)
-  state = jax.device_put(state, state_sh)
+  return cfg, mesh, graphdef, params, rest, tx, jax.device_put(state, state_sh), state_sh
+
+
+def _setup(mesh_shape, lr=1e-3):
+  cfg, mesh, graphdef, params, rest, tx, state, state_sh = _train_state(mesh_shape, ("mlp1", "language_model"), lr)
   batch = pair_batch(cfg)
   batch_sh = sft.batch_sharding(mesh, dict(batch, ref_logps=np.zeros((8,), np.float32)))
   step, ref = mpo.make_mpo_step(graphdef, rest, tx, mesh, state_sh, batch_sh)
@@ -91,16 +96,7 @@ def test_eight_devices_equal_one():
 
 def _gspo_setup(mesh_shape, policy_loss="gspo"):
   """8 rollouts (2 prompts x G = 4), rewards fixed per response; old log-probs from the starting policy."""
-  cfg = zoo.get("tiny-dense")
-  mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(list(mesh_shape.values())))])
-  model = init_model(cfg, mesh=mesh)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  train, frozen = optim.split_trainable(params, ("language_model",))
-  ocfg = ml_collections.ConfigDict(dict(lr=3e-4, warmup=0, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-4, clip_norm=1.0))
-  tx, _ = optim.make_optimizer(ocfg, 100)
-  state = sft.TrainState(step=jnp.zeros((), jnp.int32), params=train, frozen=frozen, opt_state=tx.init(train),
-                         key=jax.random.key_data(jax.random.key(0)))
-  state_sh = sft.state_shardings(jax.eval_shape(lambda s: s, state), mesh, tx)
+  cfg, mesh, graphdef, params, rest, tx, state, state_sh = _train_state(mesh_shape, ("language_model",), 3e-4)
   batch = pair_batch(cfg, pairs=4, seed=1)
   rewards = np.array([1, 0, 0, 1, 1, 1, 0, 0], np.float32).reshape(2, 4)
   batch["advantages"] = np.asarray(losses.group_advantages(rewards)).reshape(-1)
@@ -109,7 +105,7 @@ def _gspo_setup(mesh_shape, policy_loss="gspo"):
   batch["old_logps"] = np.asarray(old)
   batch_sh = sft.batch_sharding(mesh, batch)
   step = gspo.make_gspo_step(graphdef, rest, tx, mesh, state_sh, batch_sh, policy_loss=policy_loss)
-  return jax.device_put(state, state_sh), step, jax.device_put(batch, batch_sh)
+  return state, step, jax.device_put(batch, batch_sh)
 
 
 def _gspo_run(mesh_shape, steps, **kw):

@@ -36,18 +36,12 @@ def gspo_step(state: sft.TrainState, batch: dict, *, graphdef, rest, tx: optax.G
     return POLICY_LOSSES[policy_loss](tok, batch["old_logps"], batch["advantages"], mask, eps_low, eps_high)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return sft.apply_gradients(state, grads, tx), metrics
 
 
 def make_gspo_step(graphdef, rest, tx, mesh, state_sh, batch_sh, **kw):
   """The jitted step (old state donated), traced under `mesh`; kw: policy_loss, eps_low, eps_high."""
   step = jax.jit(functools.partial(gspo_step, graphdef=graphdef, rest=rest, tx=tx, **kw),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-
-  def run(state, batch):
-    with jax.set_mesh(mesh):
-      return step(state, batch)
-  return run
+  return sft.under_mesh(step, mesh)

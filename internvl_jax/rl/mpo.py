@@ -55,10 +55,8 @@ def mpo_step(state: sft.TrainState, bco: losses.BCOState, batch: dict, *, graphd
                            beta=beta, weights=weights)
 
   (loss, (metrics, bco)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), bco, metrics
+  return sft.apply_gradients(state, grads, tx), bco, metrics
 
 
 def make_mpo_step(graphdef, rest, tx, mesh, state_sh, batch_sh, *, beta: float = 0.1, weights=losses.MPO_WEIGHTS):
@@ -68,12 +66,4 @@ def make_mpo_step(graphdef, rest, tx, mesh, state_sh, batch_sh, *, beta: float =
                  in_shardings=(state_sh, replicated, batch_sh), out_shardings=(state_sh, replicated, None),
                  donate_argnums=0)
   ref = jax.jit(lambda params, batch: reference_logps(nnx.merge(graphdef, params, rest), batch))
-
-  def run(state, bco, batch):
-    with jax.set_mesh(mesh):
-      return step(state, bco, batch)
-
-  def run_ref(params, batch):
-    with jax.set_mesh(mesh):
-      return ref(params, batch)
-  return run, run_ref
+  return sft.under_mesh(step, mesh), sft.under_mesh(ref, mesh)

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from internvl_jax.evaluation import extract_answer
+from internvl_jax.evaluation import final_answer
 from internvl_jax.generation import split_thinking
 
 Reward = Callable[[str, str], float]
@@ -20,12 +20,9 @@ _THINK = re.compile(r"\s*<think>(.*?)</think>\s*(\S.*)", re.DOTALL)
 
 def accuracy_reward(completion: str, reference: str) -> float:
   """1.0 when the completion's final answer equals the reference's, else 0.0. The answer is read after the
-  `</think>` section (its draft numbers must not count) by `evaluation.extract_answer`: the last `\\boxed{}`,
+  `</think>` section (its draft numbers must not count) and compared by `evaluation.final_answer`: the last `\\boxed{}`,
   a number after "Answer:", the last number, or a lone multiple-choice letter."""
-  want = extract_answer(reference)
-  if want is None:
-    raise ValueError(f"reference {reference!r} holds no checkable answer")
-  return float(extract_answer(split_thinking(completion)[1]) == want)
+  return float(final_answer(split_thinking(completion)[1], reference))
 
 
 def format_reward(completion: str, reference: str = "") -> float:
