@@ -1,7 +1,9 @@
-"""Train InternVL: supervised fine-tuning / pre-training (the paper's SFT objective, square-averaged loss).
+"""Train InternVL: supervised fine-tuning / pre-training (the paper's SFT objective, square-averaged loss), and
+the Cascade RL stages MPO and GSPO (`config.stage`, see internvl_jax/rl/stages.py).
 
   python train.py --config=configs/digits.py --workdir=runs/digits
-  python train.py --config=configs/sft_internvl3_5_1b.py --workdir=runs/sft --config.optim.lr=1e-5
+  python train.py --config=configs/internvl3_5_sft.py --workdir=runs/sft --config.optim.lr=1e-5
+  python train.py --config=configs/digits_mpo.py --workdir=runs/digits_mpo --config.model.checkpoint=runs/digits/export
 
 Rerunning the same command on the same workdir resumes from its latest checkpoint. The same command runs
 on every host of a multi-host job (TPU pod slice, GPU cluster): `jax.distributed.initialize()` is called

@@ -8,6 +8,7 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
+  c.stage = "sft"  # 'sft' (also pre-training), or a Cascade RL stage: 'mpo' (offline), 'gspo' (online)
   c.seed = 0
   c.steps = 1000
   c.batch_size = 8  # global rows (packed sequences) per optimiser step, over all processes
@@ -41,6 +42,17 @@ def get_config():
   c.export = "hf"  # layout of workdir/export at the end: 'hf', 'original', or '' for none
   c.log_every = 10
   c.tensorboard = True
+
+  # Cascade RL (paper §2.3). MPO: batch_size = preference pairs per step; data.meta names MMPR-style JSONL.
+  c.mpo = ml_collections.ConfigDict(dict(beta=0.1, weights=(0.8, 0.2, 1.0)))  # sigmoid, bco_pair, sft
+  # GSPO: batch_size = prompts per optimiser step (x group_size rows); data.meta names questions (last gpt
+  # turn = the reference answer). Each round samples rollout_prompts x group_size responses from the current
+  # parameters (again, up to max_draws times, until mini_batches x batch_size prompts have a rollout accuracy
+  # within accuracy_range), then takes mini_batches steps. max_rows: rows per generation call.
+  c.gspo = ml_collections.ConfigDict(dict(
+      group_size=16, rollout_prompts=512, mini_batches=16, max_draws=4, accuracy_range=(0.2, 0.8),
+      max_new_tokens=1024, temperature=1.0, top_p=1.0, max_rows=64,
+      rewards=ml_collections.ConfigDict(dict(accuracy=1.0)), policy_loss="gspo", eps_low=0.2, eps_high=0.2))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.meta = ""  # held-out data in the same format; empty = no evaluation

@@ -123,8 +123,8 @@ class Evaluator:
     from internvl_jax.generation import generate
     tok = self.processor.tokenizer
     out = []
-    for start in range(0, len(self.questions), 8):
-      chunk = self.questions[start:start + 8]
+    for start in range(0, len(self.questions), 32):  # 32 rows per generate call (one bucket, few programs)
+      chunk = self.questions[start:start + 32]
       samples = [self.processor(q["messages"], images=q["images"] or None) for q in chunk]
       batch = pad_batch(samples, tok.pad_id, side="left")
       ids = generate(model, batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],

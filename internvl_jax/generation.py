@@ -60,6 +60,13 @@ def init_cache(cfg, batch: int, length: int):
           "index": jnp.zeros((batch,), jnp.int32)}
 
 
+def token_logp(logits, tokens):
+  """log π(token) under the model's own distribution (no temperature, filter or penalty): logits [b, V]
+  float32, tokens [b] -> [b]. What RL records as the rollout policy's log-probs, so that they match the
+  train step's log-softmax of the same logits."""
+  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+
+
 def sample(logits, key, seen, temperature, top_k, top_p, penalty):
   """logits [b, V] float32; per-row settings [b]; seen [b, V] tokens already in the sequence.
 
@@ -125,9 +132,10 @@ class Engine:
     positions = cache["index"][:, None]
     logits, _, cache = lm(embeds, positions, active[:, None].astype(jnp.int32), cache=cache,
                           logits_at=jnp.zeros_like(tokens), span=span)
-    nxt = sample(logits[:, 0].astype(jnp.float32), key, seen, *settings)
+    logits = logits[:, 0].astype(jnp.float32)
+    nxt = sample(logits, key, seen, *settings)
     seen = seen.at[jnp.arange(tokens.shape[0]), nxt].set(True)
-    return nxt, cache, seen
+    return nxt, cache, seen, token_logp(logits, nxt)
 
   def _insert_impl(self, cache, one, row):
     """Copy a one-row cache (a prefilled request) into row `row` of the batch cache."""
@@ -162,8 +170,9 @@ class Engine:
     return logits, cache, b
 
   def decode(self, state, tokens, cache, seen, active, key, settings, longest: int):
-    """One token for every row; `longest` = the largest cache index of an active row before this step
-    (the host knows it), rounded up to a bucket so attention reads only the slots in use."""
+    """One token for every row -> (tokens [b], cache, seen, their log-probs [b] (`token_logp`)). `longest` =
+    the largest cache index of an active row before this step (the host knows it), rounded up to a bucket so
+    attention reads only the slots in use."""
     span = min(cache["valid"].shape[1], bucket(longest + 1, 64))
     return self._decode(state, tokens, cache, seen, active, key, settings, span=span)
 
@@ -191,8 +200,12 @@ def engine_for(model: InternVL) -> Engine:
 def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=None, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              seed: int = 0, eos_token_ids=(151645,), pad_token_id: int = 151643, stream=None,
-             stop=None) -> np.ndarray:
+             stop=None, return_logps: bool = False, engine: Engine | None = None):
   """New token ids [batch, new_tokens]; after a row stops (an eos id, or `stop`), the rest is pad_token_id.
+  return_logps=True returns (ids, logps): logps [batch, new_tokens] float32, each new token's log-prob under
+  the model's untempered distribution (`token_logp`), 0 after the row stops — the rollout policy's
+  log-probs that RL needs. `engine`: an Engine of the same model structure whose compiled programs to reuse
+  (the RL loop merges a new model object from its current parameters for every rollout batch).
 
   input_ids [batch, seq] may be left- or right-padded (attention_mask marks real tokens); pixel_values
   [tiles, H, W, 3] are the tiles of all rows in order. stream(step, tokens [batch]) is called per step;
@@ -204,7 +217,7 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
     raise ValueError(f"input_ids must be [batch, seq] with a matching attention_mask; got {ids.shape}, {mask.shape}")
   check_vocab(ids, model.cfg.text.vocab_size)
   rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
-  engine, state = engine_for(model), nnx.state(model)
+  engine, state = engine or engine_for(model), nnx.state(model)
   cache_len = bucket(length_bucket(max(len(r) for r in rows)) + max_new_tokens, 16)
   logits, cache, b = engine.prefill(state, rows, None if pixel_values is None else np.asarray(pixel_values), cache_len)
   settings = settings_arrays([Sampling(temperature, top_k, top_p, repetition_penalty)] * len(rows), b)
@@ -215,13 +228,17 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   key = jax.random.key(seed)
   key, sub = jax.random.split(key)
   tokens = sample(logits, sub, seen, *settings)
+  logp = token_logp(logits, tokens)
   seen = seen.at[jnp.arange(b), tokens].set(True)
   active = np.arange(b) < len(rows)
   eos = np.asarray(list(eos_token_ids or ()), np.int32)
   out = np.full((len(rows), max_new_tokens), pad_token_id, np.int64)
+  out_logps = np.zeros((len(rows), max_new_tokens), np.float32)
   for step in range(max_new_tokens):
     host = np.asarray(tokens)
     out[active[:len(rows)], step] = host[:len(rows)][active[:len(rows)]]
+    if return_logps:
+      out_logps[active[:len(rows)], step] = np.asarray(logp)[:len(rows)][active[:len(rows)]]
     if stream is not None:
       stream(step, np.where(active[:len(rows)], host[:len(rows)], pad_token_id))
     active = active & ~np.isin(host, eos)
@@ -232,8 +249,9 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
       break
     key, sub = jax.random.split(key)
     longest = max(len(r) for r in rows) + step + 1
-    tokens, cache, seen = engine.decode(state, tokens, cache, seen, jnp.asarray(active), sub, settings, longest)
-  return out
+    tokens, cache, seen, logp = engine.decode(state, tokens, cache, seen, jnp.asarray(active), sub, settings,
+                                              longest)
+  return (out, out_logps) if return_logps else out
 
 
 def split_thinking(text: str) -> tuple[str, str]:

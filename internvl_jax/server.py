@@ -115,7 +115,7 @@ class Batcher:
       self.key, sub = jax.random.split(self.key)
       longest = max(len(s.ids) + len(s.tokens) for s in slots if s is not None)
       try:
-        tokens, cache, seen = self.engine.decode(self.state, tokens, cache, seen, jnp.asarray(active), sub,
+        tokens, cache, seen, _ = self.engine.decode(self.state, tokens, cache, seen, jnp.asarray(active), sub,
                                                  settings_arrays(samplings, b), longest)
         host = np.asarray(tokens)
       except Exception as e:  # fail the running requests, keep serving new ones

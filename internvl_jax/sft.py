@@ -156,11 +156,11 @@ def batch_sharding(mesh, example: dict) -> dict:
           for k, v in example.items()}
 
 
-def global_batch(local: dict, mesh) -> dict:
+def global_batch(local: dict, mesh, keys=BATCH_KEYS) -> dict:
   """Host-local rows -> global arrays sharded over the batch axes: each process supplies its own rows, the
-  global batch is their concatenation in process order."""
+  global batch is their concatenation in process order. Only `keys` are kept."""
   n = jax.process_count()
-  local = {k: v for k, v in local.items() if k in BATCH_KEYS}
+  local = {k: v for k, v in local.items() if k in keys}
   shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * n, *v.shape[1:]), v.dtype) for k, v in local.items()}
   shardings = batch_sharding(mesh, shapes)
   return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}

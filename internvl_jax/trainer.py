@@ -99,7 +99,8 @@ class _IteratorState:
     return self.state
 
   def set_state(self, state: bytes) -> None:
-    self.iterator.set_state(json.loads(state.decode()))
+    if self.iterator is not None:  # the RL stages keep no iterator: their data order is a function of the step
+      self.iterator.set_state(json.loads(state.decode()))
 
   def start_prefetch(self) -> None:
     pass
@@ -204,10 +205,85 @@ def model_of(state: sft.TrainState, setup: Setup) -> InternVL:
 
 # ------------------------------------------------------------------------------------------ the run
 
-def train(cfg, workdir: str) -> dict:
-  """Run (or resume) the training described by `cfg` in `workdir`. Returns the last train and eval metrics."""
-  from internvl_jax import data as data_lib
+@dataclasses.dataclass
+class Run:
+  """What every stage (SFT, MPO, GSPO) sets up the same way before its loop."""
+  tok_dir: str
+  model_cfg: InternVLConfig
+  processor: Processor
+  mesh: object
+  checkpointer: Checkpointer
+  state: object  # sft.TrainState, or (TrainState, extra) for a stage that checkpoints more (MPO's δ)
+  setup: Setup
+  writer: MetricsWriter
+  evaluator: object  # evaluation.Evaluator, or None without eval.meta
+  iterator: object  # what make_iterator returned, or None
+
+
+def prepare(cfg, workdir: str, *, make_iterator=None, extra=None) -> Run:
+  """Mesh, tokenizer, processor, model folder, checkpointer, and the train state: fresh from the config's
+  model, or restored from the workdir's latest checkpoint (with the state of `make_iterator(processor)`'s data
+  iterator). `extra(mesh) -> (value, sharding)`: more state to checkpoint beside the TrainState; `run.state`
+  is then (TrainState, value)."""
   from internvl_jax import evaluation
+  mesh = sharding.make_mesh(dict(cfg.mesh))
+  tok_dir = tokenizer_dir(cfg)
+  tokenizer = Tokenizer.from_pretrained(tok_dir)
+  model_cfg = model_config(cfg, tokenizer)
+  processor = make_processor(cfg, model_cfg, tokenizer)
+  write_model_folder(os.path.join(workdir, "model"), model_cfg, tok_dir)
+  iterator = make_iterator(processor) if make_iterator is not None else None
+  checkpointer = Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                              async_save=cfg.checkpoint.async_save)
+  latest = checkpointer.latest_step()
+  extra = extra(mesh) if extra is not None else None
+  if latest is None:
+    state, setup = create_state(cfg, initial_model(cfg, model_cfg, mesh), mesh)
+    if extra is not None:
+      state = (state, extra[0])
+  else:  # resume: only the abstract state, then the checkpoint is read straight into its shardings
+    _, setup = create_state(cfg, nnx.eval_shape(lambda: InternVL(model_cfg, rngs=nnx.Rngs(0))), mesh,
+                            materialise=False)
+    abstract, shardings = setup.abstract, setup.state_sh
+    if extra is not None:
+      abstract, shardings = (abstract, jax.eval_shape(lambda: extra[0])), (shardings, extra[1])
+    state = checkpointer.restore(latest, abstract, shardings, iterator)
+    print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
+  local_rows = cfg.batch_size // jax.process_count()
+  evaluator = evaluation.Evaluator(cfg, processor, local_rows, mesh) if cfg.eval.meta else None
+  writer = MetricsWriter(workdir, total_steps=cfg.steps, tensorboard=cfg.get("tensorboard", True))
+  return Run(tok_dir, model_cfg, processor, mesh, checkpointer, state, setup, writer, evaluator, iterator)
+
+
+def evaluate(run: Run, state: sft.TrainState, step: int, last: dict) -> None:
+  """Held-out loss and answers at `step`: written to the metrics, printed, and merged into `last`."""
+  results = run.evaluator.run(model_of(state, run.setup), step)
+  run.writer.write(step, results["metrics"], kind="eval")
+  print(results["table"], flush=True)
+  last.update({f"eval_{k}": v for k, v in results["metrics"].items()})
+
+
+def finish(cfg, run: Run, state: sft.TrainState, workdir: str) -> None:
+  """Wait for checkpoints, export the final weights (one process), close the metrics."""
+  run.checkpointer.close()
+  if cfg.get("export", "hf") and jax.process_count() > 1:
+    print("export skipped: save_pretrained writes from one process; export the last checkpoint on one host",
+          flush=True)
+  elif cfg.get("export", "hf"):
+    export(model_of(state, run.setup), os.path.join(workdir, "export"), run.tok_dir, layout=cfg.export)
+  run.writer.close()
+
+
+def train(cfg, workdir: str) -> dict:
+  """Run (or resume) the training described by `cfg` in `workdir`: `cfg.stage` 'sft' (here), 'mpo' or 'gspo'
+  (`internvl_jax/rl/stages.py`). Returns the last train and eval metrics."""
+  stage = cfg.get("stage", "sft")
+  if stage in ("mpo", "gspo"):
+    from internvl_jax.rl import stages
+    return stages.STAGES[stage](cfg, workdir)
+  if stage != "sft":
+    raise ValueError(f"config.stage={stage!r}; known: 'sft', 'mpo', 'gspo'")
+  from internvl_jax import data as data_lib
   if cfg.batch_size % jax.process_count():
     raise ValueError(f"batch_size={cfg.batch_size} rows do not split over {jax.process_count()} processes")
   local_rows = cfg.batch_size // jax.process_count()
@@ -217,30 +293,13 @@ def train(cfg, workdir: str) -> dict:
     raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the batch shards (data x fsdp x expert = "
                      f"{shards}) times accum_steps={cfg.accum_steps}, so every device holds whole rows of each "
                      "micro-batch")
-  tok_dir = tokenizer_dir(cfg)
-  tokenizer = Tokenizer.from_pretrained(tok_dir)
-  model_cfg = model_config(cfg, tokenizer)
-  processor = make_processor(cfg, model_cfg, tokenizer)
-  write_model_folder(os.path.join(workdir, "model"), model_cfg, tok_dir)
-
-  iterator = data_lib.make_iterator(cfg.data, processor, batch_size=local_rows, seed=cfg.seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-  checkpointer = Checkpointer(workdir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                              async_save=cfg.checkpoint.async_save)
-  latest = checkpointer.latest_step()
-  if latest is None:
-    state, setup = create_state(cfg, initial_model(cfg, model_cfg, mesh), mesh)
-  else:  # resume: only the abstract state, then the checkpoint is read straight into its shardings
-    _, setup = create_state(cfg, nnx.eval_shape(lambda: InternVL(model_cfg, rngs=nnx.Rngs(0))), mesh,
-                            materialise=False)
-    state = checkpointer.restore(latest, setup.abstract, setup.state_sh, iterator)
-    print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
-
+  run = prepare(cfg, workdir, make_iterator=lambda processor: data_lib.make_iterator(
+      cfg.data, processor, batch_size=local_rows, seed=cfg.seed, process_index=jax.process_index(),
+      process_count=jax.process_count()))
+  state, setup, model_cfg, writer, iterator = run.state, run.setup, run.model_cfg, run.writer, run.iterator
   step_cfg = sft.StepConfig(accum_steps=cfg.accum_steps, aux_loss_coef=model_cfg.text.router_aux_loss_coef
                             if model_cfg.text.is_moe else 0.0, drop_path=model_cfg.vision.drop_path_rate > 0,
                             loss_chunk=cfg.loss_chunk)
-  writer = MetricsWriter(workdir, total_steps=cfg.steps, tensorboard=cfg.get("tensorboard", True))
-  evaluator = evaluation.Evaluator(cfg, processor, local_rows, mesh) if cfg.eval.meta else None
   step_fn = None
   step = int(jax.device_get(state.step))
   tokens, t0, last, skipped_seen = 0, time.time(), {}, 0
@@ -265,18 +324,9 @@ def train(cfg, workdir: str) -> dict:
               f"{stats.get('examples', [])[:3]}", flush=True)
         skipped_seen = stats["skipped"]
       tokens, t0 = 0, time.time()
-    checkpointer.save(step, state, iterator, force=step == cfg.steps)
-    if evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
-      results = evaluator.run(model_of(state, setup), step)
-      writer.write(step, results["metrics"], kind="eval")
-      print(results["table"], flush=True)
-      last.update({f"eval_{k}": v for k, v in results["metrics"].items()})
+    run.checkpointer.save(step, state, iterator, force=step == cfg.steps)
+    if run.evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
+      evaluate(run, state, step, last)
       tokens, t0 = 0, time.time()  # tokens/s measures training only
-  checkpointer.close()
-  if cfg.get("export", "hf") and jax.process_count() > 1:
-    print("export skipped: save_pretrained writes from one process; export the last checkpoint on one host",
-          flush=True)
-  elif cfg.get("export", "hf"):
-    export(model_of(state, setup), os.path.join(workdir, "export"), tok_dir, layout=cfg.export)
-  writer.close()
+  finish(cfg, run, state, workdir)
   return last

@@ -81,7 +81,8 @@ def test_unknown_trainable_part_is_named(digits_dir, tmp_path):
   assert done.returncode != 0 and "unknown trainable parts ['vit']" in done.stderr
 
 
-@pytest.mark.parametrize("name", ["base", "digits", "internvl3_5_sft"])
+@pytest.mark.parametrize("name", ["base", "digits", "internvl3_5_sft", "digits_mpo", "digits_gspo", "internvl3_5_mpo",
+                                  "internvl3_5_gspo"])
 def test_config_files_load(name):
   import importlib
   sys.path.insert(0, ROOT)

@@ -1,0 +1,203 @@
+"""The two Cascade RL stages as `train.py` runs (`config.stage = 'mpo' | 'gspo'`), each starting from the
+previous stage's checkpoint (`config.model.checkpoint`, e.g. the SFT run's `export/`).
+
+* MPO (offline): preference pairs from `config.data.meta` (MMPR-style JSONL, `rl/pairs.py`), `batch_size`
+  pairs per step (2 x batch_size rows, chosen then rejected), reference log-probs from a frozen copy of the
+  starting model computed once per batch outside the gradient, the BCO shift δ checkpointed with the state.
+* GSPO (online): each round samples `gspo.group_size` responses to each of `gspo.rollout_prompts` questions
+  (the training meta's records, last gpt turn = reference) from the current parameters with the inference
+  Engine, recording the sampling policy's log-probs; scores them (`gspo.rewards`); keeps the prompts whose
+  rollout accuracy lies in `gspo.accuracy_range` (drawing again, up to `gspo.max_draws` times, until
+  mini_batches x batch_size prompts are kept); then takes `gspo.mini_batches` optimiser steps of batch_size
+  prompts (x G rows) each — verl's train_batch_size / ppo_mini_batch_size.
+
+Both draw their data from (seed, step) and keep no iterator state: a resumed MPO run repeats the uninterrupted
+one exactly (BCO shift included); a resumed GSPO run redoes its interrupted round's rollouts. Evaluation, checkpoints, metrics and export are
+SFT's (`trainer.py`). Single-process: generation drives one process's devices.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from internvl_jax import sft, trainer
+from internvl_jax.data import load_records, samples
+from internvl_jax.generation import Engine
+from internvl_jax.rl import gspo as gspo_lib
+from internvl_jax.rl import losses, mpo as mpo_lib, pairs as pairs_lib, rewards as rewards_lib, rollout
+
+
+def _single_process(stage: str) -> None:
+  if jax.process_count() > 1:
+    raise NotImplementedError(f"the {stage} stage runs in one process (its rollouts and reference pass drive one "
+                              "process's devices); run it on one host")
+
+
+class _Log:
+  """Every log_every steps: metrics.jsonl, TensorBoard and the console line (tokens/s counts trained tokens,
+  rollout time included for GSPO). `last` holds the latest logged values."""
+
+  def __init__(self, run, cfg):
+    self.run, self.cfg, self.last, self.tokens, self.t0 = run, cfg, {}, 0, time.time()
+
+  def step(self, step: int, metrics: dict, tokens: int) -> None:
+    self.tokens += tokens
+    if step % self.cfg.log_every and step != self.cfg.steps:
+      return
+    self.last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self.last["lr"] = float(self.run.setup.lr(step - 1))
+    self.last["tokens_per_s"] = self.tokens / max(time.time() - self.t0, 1e-9)
+    self.run.writer.write(step, self.last)
+    self.run.writer.progress(step, self.last)
+    self.reset()
+
+  def reset(self) -> None:
+    self.tokens, self.t0 = 0, time.time()
+
+  def end_of_step(self, step: int, state) -> None:
+    if self.run.evaluator is not None and (step % self.cfg.eval.every == 0 or step == self.cfg.steps):
+      trainer.evaluate(self.run, state, step, self.last)
+      self.reset()
+
+
+def train_mpo(cfg, workdir: str) -> dict:
+  _single_process("mpo")
+
+  def bco_state(mesh):
+    replicated = jax.NamedSharding(mesh, jax.P())
+    return losses.bco_init(), losses.BCOState(replicated, replicated)
+
+  run = trainer.prepare(cfg, workdir, extra=bco_state)
+  (state, bco), setup = run.state, run.setup
+  pairs, skipped = pairs_lib.load_pairs(cfg.data.meta)
+  if skipped:
+    print(f"mpo data: skipped {sum(map(len, skipped.values()))} lines {({k: len(v) for k, v in skipped.items()})}; "
+          f"e.g. {[v[0] for v in skipped.values()]}", flush=True)
+  if not pairs:
+    raise ValueError(f"config.data.meta={cfg.data.meta}: no valid preference pair")
+  # The reference: a frozen copy of the starting model (the stage's checkpoint), also after a resume.
+  _, ref_params, _ = nnx.split(trainer.initial_model(cfg, run.model_cfg, run.mesh), nnx.Param, ...)
+  step_fn = ref_fn = None
+  pad_id = run.processor.tokenizer.pad_id
+  step = int(jax.device_get(state.step))
+  cursor, bad, log = step * cfg.batch_size, [], _Log(run, cfg)
+  epoch_order = functools.lru_cache(maxsize=2)(
+      lambda epoch: np.random.default_rng((cfg.seed, epoch)).permutation(len(pairs)))
+  order = lambda j: epoch_order(j // len(pairs))[j % len(pairs)]  # pair j of the run: a function of j only
+  while step < cfg.steps:
+    rows = []
+    while len(rows) < cfg.batch_size:  # a pair that cannot be made is skipped, counted and reported
+      pair = pairs[order(cursor)]
+      cursor += 1
+      try:
+        rows.append(pairs_lib.pair_samples(pair, processor=run.processor, max_tokens=cfg.data.max_tokens,
+                                           max_tiles=cfg.data.max_tiles_per_row))
+      except samples.SampleError as e:
+        bad.append(f"{pair['where']}: {e.reason}: {e}")
+        print(f"mpo data: skipped {bad[-1]}", flush=True)
+    batch = sft.global_batch(pairs_lib.mpo_batch(rows, max_tokens=cfg.data.max_tokens,
+                                                 max_tiles=cfg.data.max_tiles_per_row, pad_id=pad_id,
+                                                 tile_size=run.processor.tile_size), run.mesh)
+    if step_fn is None:
+      batch_sh = {k: v.sharding for k, v in batch.items()}
+      batch_sh.update(sft.batch_sharding(run.mesh, {"ref_logps": jax.ShapeDtypeStruct((2 * cfg.batch_size,),
+                                                                                       np.float32)}))
+      step_fn, ref_fn = mpo_lib.make_mpo_step(setup.graphdef, setup.rest, setup.tx, run.mesh, setup.state_sh,
+                                              batch_sh, beta=cfg.mpo.beta, weights=tuple(cfg.mpo.weights))
+    batch["ref_logps"] = ref_fn(ref_params, batch)
+    state, bco, metrics = step_fn(state, bco, batch)
+    step += 1
+    log.step(step, dict(metrics, skipped_pairs=len(bad)), int(np.sum(batch["segment_ids"] > 0)))
+    run.checkpointer.save(step, (state, bco), None, force=step == cfg.steps)
+    log.end_of_step(step, state)
+  trainer.finish(cfg, run, state, workdir)
+  return log.last
+
+
+def _rewards(texts, questions, weights, group):
+  refs = [q["reference"] for q in questions for _ in range(group)]
+  flat = [t for row in texts for t in row]
+  total = rewards_lib.score(flat, refs, weights).reshape(len(questions), group)
+  correct = rewards_lib.score(flat, refs, {"accuracy": 1.0}).reshape(len(questions), group)
+  return total, correct
+
+
+def _rollout_round(cfg, run, engine, model, questions, round_index: int):
+  """Rollouts from `model` until mini_batches x batch_size prompts pass the accuracy filter (or max_draws
+  draws are spent; the rest is then filled with prompts outside the range, whose equal rewards give
+  advantage 0). -> ([(rollouts, prompt index, advantages [P, G])], statistics)."""
+  g = cfg.gspo
+  need = g.mini_batches * cfg.batch_size
+  kept, spare = [], []
+  stats = {"rollouts": 0, "correct": 0.0, "truncated": 0, "tokens": 0.0, "draws": 0, "t0": time.time()}
+  for draw in range(g.max_draws):
+    rng = np.random.default_rng((cfg.seed, round_index, draw))
+    picked = [questions[i] for i in rng.choice(len(questions), size=min(g.rollout_prompts, len(questions)),
+                                               replace=False)]
+    rolls = rollout.sample(model, engine, run.processor, picked, group_size=g.group_size,
+                           max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                           seed=int(rng.integers(2**31)), max_rows=g.max_rows)
+    total, correct = _rewards(rolls.texts, rolls.questions, dict(g.rewards), g.group_size)
+    keep = set(rewards_lib.select_prompts(correct, *g.accuracy_range)[0].tolist())
+    adv = np.asarray(losses.group_advantages(total))
+    kept += [(rolls, i, adv) for i in sorted(keep)]
+    spare += [(rolls, i, adv) for i in range(len(picked)) if i not in keep]
+    stats.update(rollouts=stats["rollouts"] + correct.size, correct=stats["correct"] + float(correct.sum()),
+                 truncated=stats["truncated"] + int(rolls.truncated.sum()),
+                 tokens=stats["tokens"] + float(rolls.lengths.sum()), draws=draw + 1)
+    if len(kept) >= need:
+      break
+  metrics = {"rollout_accuracy": stats["correct"] / stats["rollouts"], "kept_prompts": min(len(kept), need),
+             "draws": stats["draws"], "response_tokens": stats["tokens"] / stats["rollouts"],
+             "truncated": stats["truncated"] / stats["rollouts"], "rollout_seconds": time.time() - stats["t0"]}
+  return (kept + spare)[:need], metrics
+
+
+def train_gspo(cfg, workdir: str) -> dict:
+  _single_process("gspo")
+  g = cfg.gspo
+  run = trainer.prepare(cfg, workdir)
+  state, setup = run.state, run.setup
+  questions = load_records(cfg.data.meta)
+  if not questions:
+    raise ValueError(f"config.data.meta={cfg.data.meta}: no question with a reference answer")
+  engine = Engine(trainer.model_of(state, setup))
+  pad_id = run.processor.tokenizer.pad_id
+  step_fn = None
+  step = int(jax.device_get(state.step))
+  log = _Log(run, cfg)
+  while step < cfg.steps:
+    # One rollout round from the current parameters, then mini_batches optimiser steps on it (the later ones
+    # off-policy, where the clipped importance ratio matters). A resumed run restarts its round.
+    groups, round_metrics = _rollout_round(cfg, run, engine, trainer.model_of(state, setup), questions,
+                                           step // g.mini_batches)
+    for m in range(g.mini_batches):
+      if step >= cfg.steps:
+        break
+      part = groups[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+      batch = sft.global_batch(_gspo_batch(part, cfg, pad_id), run.mesh, gspo_lib.BATCH_KEYS)
+      if step_fn is None:
+        step_fn = gspo_lib.make_gspo_step(setup.graphdef, setup.rest, setup.tx, run.mesh, setup.state_sh,
+                                          {k: v.sharding for k, v in batch.items()}, policy_loss=g.policy_loss,
+                                          eps_low=g.eps_low, eps_high=g.eps_high)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      log.step(step, dict(metrics, **round_metrics), int(np.sum(batch["segment_ids"] > 0)))
+      run.checkpointer.save(step, state, None, force=step == cfg.steps)
+      log.end_of_step(step, state)
+  trainer.finish(cfg, run, state, workdir)
+  return log.last
+
+
+def _gspo_batch(groups, cfg, pad_id) -> dict:
+  """[(rollouts, prompt index, advantages [P, G])] -> one gspo_step batch of their len(groups) x G rows."""
+  parts = [rollout.gspo_batch(rolls, [i], adv, max_tokens=cfg.data.max_tokens, max_tiles=cfg.data.max_tiles_per_row,
+                              pad_id=pad_id) for rolls, i, adv in groups]
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+STAGES = {"mpo": train_mpo, "gspo": train_gspo}
