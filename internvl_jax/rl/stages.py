@@ -12,8 +12,9 @@ previous stage's checkpoint (`config.model.checkpoint`, e.g. the SFT run's `expo
   prompts (x G rows) each — verl's train_batch_size / ppo_mini_batch_size.
 
 Both draw their data from (seed, step) and keep no iterator state: a resumed MPO run repeats the uninterrupted
-one exactly (BCO shift included); a resumed GSPO run redoes its interrupted round's rollouts. Evaluation, checkpoints, metrics and export are
-SFT's (`trainer.py`). Single-process: generation drives one process's devices.
+one exactly (BCO shift included); a resumed GSPO run redoes its interrupted round's rollouts. Evaluation,
+checkpoints, metrics and export are SFT's (`trainer.py`). Single-process: generation drives one process's
+devices.
 """
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ def _single_process(stage: str) -> None:
   if jax.process_count() > 1:
     raise NotImplementedError(f"the {stage} stage runs in one process (its rollouts and reference pass drive one "
                               "process's devices); run it on one host")
+
+
+def _check_rows(run, rows: int, what: str) -> None:
+  m = run.mesh.shape
+  shards = m["data"] * m["fsdp"] * m["expert"]
+  if rows % shards:
+    raise ValueError(f"{what} = {rows} rows per step must be a multiple of the batch shards (data x fsdp x expert "
+                     f"= {shards}), so every device holds whole rows")
 
 
 class _Log:
@@ -73,6 +82,7 @@ def train_mpo(cfg, workdir: str) -> dict:
 
   run = trainer.prepare(cfg, workdir, extra=bco_state)
   (state, bco), setup = run.state, run.setup
+  _check_rows(run, 2 * cfg.batch_size, f"2 x batch_size ({cfg.batch_size} pairs)")
   pairs, skipped = pairs_lib.load_pairs(cfg.data.meta)
   if skipped:
     print(f"mpo data: skipped {sum(map(len, skipped.values()))} lines {({k: len(v) for k, v in skipped.items()})}; "
@@ -162,6 +172,7 @@ def train_gspo(cfg, workdir: str) -> dict:
   g = cfg.gspo
   run = trainer.prepare(cfg, workdir)
   state, setup = run.state, run.setup
+  _check_rows(run, cfg.batch_size * g.group_size, f"batch_size x gspo.group_size ({cfg.batch_size} x {g.group_size})")
   questions = load_records(cfg.data.meta)
   if not questions:
     raise ValueError(f"config.data.meta={cfg.data.meta}: no question with a reference answer")
