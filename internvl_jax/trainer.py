@@ -220,13 +220,13 @@ class Run:
   iterator: object  # what make_iterator returned, or None
 
 
-def prepare(cfg, workdir: str, *, make_iterator=None, extra=None) -> Run:
+def prepare(cfg, workdir: str, *, mesh=None, make_iterator=None, extra=None) -> Run:
   """Mesh, tokenizer, processor, model folder, checkpointer, and the train state: fresh from the config's
   model, or restored from the workdir's latest checkpoint (with the state of `make_iterator(processor)`'s data
   iterator). `extra(mesh) -> (value, sharding)`: more state to checkpoint beside the TrainState; `run.state`
-  is then (TrainState, value)."""
+  is then (TrainState, value). `mesh`: the config's, when not given."""
   from internvl_jax import evaluation
-  mesh = sharding.make_mesh(dict(cfg.mesh))
+  mesh = sharding.make_mesh(dict(cfg.mesh)) if mesh is None else mesh
   tok_dir = tokenizer_dir(cfg)
   tokenizer = Tokenizer.from_pretrained(tok_dir)
   model_cfg = model_config(cfg, tokenizer)
@@ -255,12 +255,39 @@ def prepare(cfg, workdir: str, *, make_iterator=None, extra=None) -> Run:
   return Run(tok_dir, model_cfg, processor, mesh, checkpointer, state, setup, writer, evaluator, iterator)
 
 
-def evaluate(run: Run, state: sft.TrainState, step: int, last: dict) -> None:
-  """Held-out loss and answers at `step`: written to the metrics, printed, and merged into `last`."""
-  results = run.evaluator.run(model_of(state, run.setup), step)
-  run.writer.write(step, results["metrics"], kind="eval")
-  print(results["table"], flush=True)
-  last.update({f"eval_{k}": v for k, v in results["metrics"].items()})
+class StepLog:
+  """The per-step bookkeeping every stage shares: every log_every steps (and the last) metrics.jsonl,
+  TensorBoard and the console line, with tokens/s over the steps since the previous line; after each step's
+  checkpoint, evaluation every eval.every steps (and the last). `last` holds the latest logged values."""
+
+  def __init__(self, run: Run, cfg):
+    self.run, self.cfg, self.last, self.tokens, self.t0 = run, cfg, {}, 0, time.time()
+
+  def step(self, step: int, metrics: dict, tokens: int, extra=None) -> bool:
+    """Count `tokens` trained; log when due (metrics plus `extra()`); returns whether it logged."""
+    self.tokens += tokens
+    if step % self.cfg.log_every and step != self.cfg.steps:
+      return False
+    self.last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    self.last.setdefault("lr", float(self.run.setup.lr(step - 1)))
+    self.last["tokens_per_s"] = self.tokens / max(time.time() - self.t0, 1e-9)
+    self.last.update(extra() if extra is not None else {})
+    self.run.writer.write(step, self.last)
+    self.run.writer.progress(step, self.last)
+    self.reset()
+    return True
+
+  def reset(self) -> None:
+    self.tokens, self.t0 = 0, time.time()
+
+  def end_of_step(self, step: int, state: sft.TrainState) -> None:
+    if self.run.evaluator is None or (step % self.cfg.eval.every and step != self.cfg.steps):
+      return
+    results = self.run.evaluator.run(model_of(state, self.run.setup), step)
+    self.run.writer.write(step, results["metrics"], kind="eval")
+    print(results["table"], flush=True)
+    self.last.update({f"eval_{k}": v for k, v in results["metrics"].items()})
+    self.reset()  # tokens/s measures training only
 
 
 def finish(cfg, run: Run, state: sft.TrainState, workdir: str) -> None:
@@ -272,6 +299,15 @@ def finish(cfg, run: Run, state: sft.TrainState, workdir: str) -> None:
   elif cfg.get("export", "hf"):
     export(model_of(state, run.setup), os.path.join(workdir, "export"), run.tok_dir, layout=cfg.export)
   run.writer.close()
+
+
+def check_rows(mesh, rows: int, what: str, accum_steps: int = 1) -> None:
+  """Every device must hold whole rows of each micro-batch: rows a multiple of the batch shards (data x fsdp x
+  expert) times accum_steps. `what` names the rows in the error."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+  if rows % (shards * accum_steps):
+    raise ValueError(f"{what} must be a multiple of the batch shards (data x fsdp x expert = {shards}) times "
+                     f"accum_steps={accum_steps}, so every device holds whole rows of each micro-batch")
 
 
 def train(cfg, workdir: str) -> dict:
@@ -288,21 +324,17 @@ def train(cfg, workdir: str) -> dict:
     raise ValueError(f"batch_size={cfg.batch_size} rows do not split over {jax.process_count()} processes")
   local_rows = cfg.batch_size // jax.process_count()
   mesh = sharding.make_mesh(dict(cfg.mesh))
-  shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-  if cfg.batch_size % (shards * cfg.accum_steps):
-    raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the batch shards (data x fsdp x expert = "
-                     f"{shards}) times accum_steps={cfg.accum_steps}, so every device holds whole rows of each "
-                     "micro-batch")
-  run = prepare(cfg, workdir, make_iterator=lambda processor: data_lib.make_iterator(
+  check_rows(mesh, cfg.batch_size, f"batch_size={cfg.batch_size}", cfg.accum_steps)
+  run = prepare(cfg, workdir, mesh=mesh, make_iterator=lambda processor: data_lib.make_iterator(
       cfg.data, processor, batch_size=local_rows, seed=cfg.seed, process_index=jax.process_index(),
       process_count=jax.process_count()))
-  state, setup, model_cfg, writer, iterator = run.state, run.setup, run.model_cfg, run.writer, run.iterator
+  state, setup, model_cfg, iterator = run.state, run.setup, run.model_cfg, run.iterator
   step_cfg = sft.StepConfig(accum_steps=cfg.accum_steps, aux_loss_coef=model_cfg.text.router_aux_loss_coef
                             if model_cfg.text.is_moe else 0.0, drop_path=model_cfg.vision.drop_path_rate > 0,
                             loss_chunk=cfg.loss_chunk)
   step_fn = None
   step = int(jax.device_get(state.step))
-  tokens, t0, last, skipped_seen = 0, time.time(), {}, 0
+  log, skipped_seen = StepLog(run, cfg), 0
   while step < cfg.steps:
     local = next(iterator)
     batch = sft.global_batch(local, mesh)
@@ -311,22 +343,14 @@ def train(cfg, workdir: str) -> dict:
                                     {k: v.sharding for k, v in batch.items()}, setup.lr)
     state, metrics = step_fn(state, batch)
     step += 1
-    tokens += int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
-    if step % cfg.log_every == 0 or step == cfg.steps:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      last["tokens_per_s"] = tokens / max(time.time() - t0, 1e-9)
+    tokens = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+    if log.step(step, metrics, tokens, extra=lambda: {"skipped_samples": iterator.stats()["skipped"]}):
       stats = iterator.stats()
-      last["skipped_samples"] = stats["skipped"]
-      writer.write(step, last)
-      writer.progress(step, last)
       if stats["skipped"] > skipped_seen:
         print(f"data: {stats['skipped']} samples skipped so far {stats.get('reasons', {})}; e.g. "
               f"{stats.get('examples', [])[:3]}", flush=True)
         skipped_seen = stats["skipped"]
-      tokens, t0 = 0, time.time()
     run.checkpointer.save(step, state, iterator, force=step == cfg.steps)
-    if run.evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
-      evaluate(run, state, step, last)
-      tokens, t0 = 0, time.time()  # tokens/s measures training only
+    log.end_of_step(step, state)
   finish(cfg, run, state, workdir)
-  return last
+  return log.last

@@ -56,7 +56,8 @@ def test_rollout_logps_are_the_train_steps_logps(data, parts):
   assert np.all(rolls.logps[np.arange(new) < rolls.lengths[..., None]] < 0)
   rewards = np.arange(12, dtype=np.float32).reshape(3, group) % 3
   adv = np.asarray(losses.group_advantages(rewards))
-  batch = rollout.gspo_batch(rolls, [2, 0], adv, max_tokens=80, max_tiles=1, pad_id=processor.tokenizer.pad_id)
+  batch = rollout.gspo_batch(rolls, [2, 0], adv, max_tokens=80, max_tiles=1, pad_id=processor.tokenizer.pad_id,
+                             tile_size=processor.tile_size)
   assert batch["input_ids"].shape == (2 * group, 80) and batch["pixel_values"].shape[:2] == (2 * group, 1)
   np.testing.assert_array_equal(batch["advantages"], np.concatenate([adv[2], adv[0]]))
   # row 0 = prompt 2, response 0: prompt unlabelled, response labelled and equal to the sampled ids

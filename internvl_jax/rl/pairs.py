@@ -20,7 +20,6 @@ import numpy as np
 
 from internvl_jax.data import meta as meta_lib
 from internvl_jax.data import packing, samples
-from internvl_jax.rl import rewards as rewards_lib
 from internvl_jax.rl import rollout
 
 FIELDS = ("question", "chosen", "rejected")
@@ -111,9 +110,7 @@ def build(model, processor, questions: list, out_dir: str, *, group_size: int = 
   from internvl_jax.generation import engine_for
   rolls = rollout.sample(model, engine_for(model), processor, questions, group_size=group_size,
                          max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_rows=max_rows)
-  refs = [q["reference"] for q in rolls.questions for _ in range(group_size)]
-  flat = [t for texts in rolls.texts for t in texts]
-  correct = rewards_lib.score(flat, refs, {reward: 1.0}).reshape(len(rolls.questions), group_size) > 0.5
+  correct = rolls.score({reward: 1.0}) > 0.5
   lines = pairs_from_rollouts(rolls, correct, per_prompt=per_prompt)
   os.makedirs(out_dir, exist_ok=True)
   annotation = os.path.abspath(os.path.join(out_dir, "pairs.jsonl"))

@@ -11,8 +11,11 @@ import dataclasses
 
 import numpy as np
 
+from internvl_jax.data import packing
+from internvl_jax.data.samples import Sample
 from internvl_jax.generation import Engine, generate
 from internvl_jax.processor import IGNORE, pad_batch
+from internvl_jax.rl import rewards
 
 
 @dataclasses.dataclass
@@ -31,6 +34,13 @@ class Rollouts:
   def truncated(self) -> np.ndarray:
     """[P, G]: responses cut at max_new_tokens before they ended their turn."""
     return self.lengths == self.ids.shape[2]
+
+  def score(self, weights: dict[str, float]) -> np.ndarray:
+    """[P, G] rewards: `rewards.score` of every response against its question's reference."""
+    g = self.ids.shape[1]
+    refs = [q["reference"] for q in self.questions for _ in range(g)]
+    flat = [t for texts in self.texts for t in texts]
+    return rewards.score(flat, refs, weights).reshape(len(self.questions), g)
 
 
 def sample(model, engine: Engine, processor, questions: list, *, group_size: int, max_new_tokens: int,
@@ -63,41 +73,35 @@ def sample(model, engine: Engine, processor, questions: list, *, group_size: int
   return Rollouts(list(questions), prompts, ids, logps, lengths, texts)
 
 
-def gspo_batch(rollouts: Rollouts, prompt_index, advantages, *, max_tokens: int, max_tiles: int,
-               pad_id: int) -> dict:
+def gspo_batch(rollouts: Rollouts, prompt_index, advantages, *, max_tokens: int, max_tiles: int, pad_id: int,
+               tile_size: int) -> dict:
   """The `gspo.gspo_step` batch of the chosen prompts' groups: B = len(prompt_index) x G unpacked rows of
-  max_tokens, prompt then response (labels on the response only), pixel_values [B, max_tiles, S, S, 3],
-  old_logps [B, max_tokens - 1] aligned with the shifted labels, advantages [B] from `advantages` [P, G]."""
+  max_tokens, prompt then response (labels on the response only), pixel_values [B, max_tiles, tile_size,
+  tile_size, 3] (the prompt's tiles, then zero tiles; absent when max_tiles is 0, as `packing.make_batch`), old_logps [B, max_tokens - 1] aligned with the shifted labels, advantages [B] from `advantages` [P, G]."""
   g = rollouts.ids.shape[1]
-  rows = len(prompt_index) * g
-  out = {"input_ids": np.full((rows, max_tokens), pad_id, np.int32),
-         "labels": np.full((rows, max_tokens), IGNORE, np.int32),
-         "loss_weights": np.zeros((rows, max_tokens), np.float32),
-         "segment_ids": np.zeros((rows, max_tokens), np.int32),
-         "position_ids": np.zeros((rows, max_tokens), np.int32),
-         "old_logps": np.zeros((rows, max_tokens - 1), np.float32),
-         "advantages": np.zeros((rows,), np.float32)}
-  pixels = [rollouts.prompts[i]["pixel_values"] for i in prompt_index]
-  shape = next((x.shape[1:] for x in pixels if x is not None), None)
-  if max_tiles and shape is not None:
-    out["pixel_values"] = np.zeros((rows, max_tiles) + tuple(shape), np.float32)
-  for r, (j, k) in enumerate((j, k) for j in range(len(prompt_index)) for k in range(g)):
-    i, tiles = prompt_index[j], pixels[j]
-    prompt = rollouts.prompts[i]["input_ids"]
-    n_p, n_r = len(prompt), int(rollouts.lengths[i, k])
-    if n_p + n_r > max_tokens:
-      raise ValueError(f"prompt {i} ({n_p} tokens) + response ({n_r}) is longer than the row's {max_tokens} "
-                       "tokens; raise data.max_tokens or drop the prompt")
-    response = rollouts.ids[i, k, :n_r]
-    out["input_ids"][r, :n_p], out["input_ids"][r, n_p:n_p + n_r] = prompt, response
-    out["labels"][r, n_p:n_p + n_r] = response
-    out["loss_weights"][r, n_p:n_p + n_r] = 1.0
-    out["segment_ids"][r, :n_p + n_r] = 1
-    out["position_ids"][r, :n_p + n_r] = np.arange(n_p + n_r)
-    out["old_logps"][r, n_p - 1:n_p - 1 + n_r] = rollouts.logps[i, k, :n_r]
+  rows = []
+  for i in prompt_index:
+    prompt, tiles = rollouts.prompts[i]["input_ids"], rollouts.prompts[i]["pixel_values"]
+    if tiles is not None and len(tiles) > max_tiles:
+      raise ValueError(f"prompt {i} has {len(tiles)} tiles, more than the row's {max_tiles}")
+    for k in range(g):
+      n_p, n_r = len(prompt), int(rollouts.lengths[i, k])
+      if n_p + n_r > max_tokens:
+        raise ValueError(f"prompt {i} ({n_p} tokens) + response ({n_r}) is longer than the row's {max_tokens} "
+                         "tokens; raise data.max_tokens or drop the prompt")
+      response = rollouts.ids[i, k, :n_r]
+      labels = np.concatenate([np.full(n_p, IGNORE), response]).astype(np.int32)
+      rows.append([Sample(0, np.concatenate([prompt, response]).astype(np.int32), labels,
+                          (labels != IGNORE).astype(np.float32), tiles)])
+  # pixel_values whenever max_tiles > 0 (zero tiles for text-only rows), as in SFT, so that batches of
+  # text-only and image prompts have the same keys and concatenate
+  out = packing.make_batch(rows, batch_size=len(rows), max_tokens=max_tokens, max_tiles=max_tiles, pad_id=pad_id,
+                           tile_size=tile_size)
+  out.pop("num_tiles")
+  out["old_logps"] = np.zeros((len(rows), max_tokens - 1), np.float32)
+  out["advantages"] = np.zeros((len(rows),), np.float32)
+  for r, (i, k) in enumerate((i, k) for i in prompt_index for k in range(g)):
+    n_p, n_r = len(rollouts.prompts[i]["input_ids"]), int(rollouts.lengths[i, k])
+    out["old_logps"][r, n_p - 1:n_p - 1 + n_r] = rollouts.logps[i, k, :n_r]  # predicts response token j
     out["advantages"][r] = advantages[i, k]
-    if tiles is not None:
-      if len(tiles) > max_tiles:
-        raise ValueError(f"prompt {i} has {len(tiles)} tiles, more than the row's {max_tiles}")
-      out["pixel_values"][r, :len(tiles)] = tiles
   return out

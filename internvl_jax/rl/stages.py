@@ -38,41 +38,6 @@ def _single_process(stage: str) -> None:
                               "process's devices); run it on one host")
 
 
-def _check_rows(run, rows: int, what: str) -> None:
-  m = run.mesh.shape
-  shards = m["data"] * m["fsdp"] * m["expert"]
-  if rows % shards:
-    raise ValueError(f"{what} = {rows} rows per step must be a multiple of the batch shards (data x fsdp x expert "
-                     f"= {shards}), so every device holds whole rows")
-
-
-class _Log:
-  """Every log_every steps: metrics.jsonl, TensorBoard and the console line (tokens/s counts trained tokens,
-  rollout time included for GSPO). `last` holds the latest logged values."""
-
-  def __init__(self, run, cfg):
-    self.run, self.cfg, self.last, self.tokens, self.t0 = run, cfg, {}, 0, time.time()
-
-  def step(self, step: int, metrics: dict, tokens: int) -> None:
-    self.tokens += tokens
-    if step % self.cfg.log_every and step != self.cfg.steps:
-      return
-    self.last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    self.last["lr"] = float(self.run.setup.lr(step - 1))
-    self.last["tokens_per_s"] = self.tokens / max(time.time() - self.t0, 1e-9)
-    self.run.writer.write(step, self.last)
-    self.run.writer.progress(step, self.last)
-    self.reset()
-
-  def reset(self) -> None:
-    self.tokens, self.t0 = 0, time.time()
-
-  def end_of_step(self, step: int, state) -> None:
-    if self.run.evaluator is not None and (step % self.cfg.eval.every == 0 or step == self.cfg.steps):
-      trainer.evaluate(self.run, state, step, self.last)
-      self.reset()
-
-
 def train_mpo(cfg, workdir: str) -> dict:
   _single_process("mpo")
 
@@ -82,7 +47,7 @@ def train_mpo(cfg, workdir: str) -> dict:
 
   run = trainer.prepare(cfg, workdir, extra=bco_state)
   (state, bco), setup = run.state, run.setup
-  _check_rows(run, 2 * cfg.batch_size, f"2 x batch_size ({cfg.batch_size} pairs)")
+  trainer.check_rows(run.mesh, 2 * cfg.batch_size, f"2 x batch_size = {2 * cfg.batch_size} rows (chosen, rejected)")
   pairs, skipped = pairs_lib.load_pairs(cfg.data.meta)
   if skipped:
     print(f"mpo data: skipped {sum(map(len, skipped.values()))} lines {({k: len(v) for k, v in skipped.items()})}; "
@@ -94,7 +59,7 @@ def train_mpo(cfg, workdir: str) -> dict:
   step_fn = ref_fn = None
   pad_id = run.processor.tokenizer.pad_id
   step = int(jax.device_get(state.step))
-  cursor, bad, log = step * cfg.batch_size, [], _Log(run, cfg)
+  cursor, bad, log = step * cfg.batch_size, [], trainer.StepLog(run, cfg)
   epoch_order = functools.lru_cache(maxsize=2)(
       lambda epoch: np.random.default_rng((cfg.seed, epoch)).permutation(len(pairs)))
   order = lambda j: epoch_order(j // len(pairs))[j % len(pairs)]  # pair j of the run: a function of j only
@@ -109,9 +74,9 @@ def train_mpo(cfg, workdir: str) -> dict:
       except samples.SampleError as e:
         bad.append(f"{pair['where']}: {e.reason}: {e}")
         print(f"mpo data: skipped {bad[-1]}", flush=True)
-    batch = sft.global_batch(pairs_lib.mpo_batch(rows, max_tokens=cfg.data.max_tokens,
-                                                 max_tiles=cfg.data.max_tiles_per_row, pad_id=pad_id,
-                                                 tile_size=run.processor.tile_size), run.mesh)
+    local = pairs_lib.mpo_batch(rows, max_tokens=cfg.data.max_tokens, max_tiles=cfg.data.max_tiles_per_row,
+                                pad_id=pad_id, tile_size=run.processor.tile_size)
+    batch = sft.global_batch(local, run.mesh)
     if step_fn is None:
       batch_sh = {k: v.sharding for k, v in batch.items()}
       batch_sh.update(sft.batch_sharding(run.mesh, {"ref_logps": jax.ShapeDtypeStruct((2 * cfg.batch_size,),
@@ -121,19 +86,11 @@ def train_mpo(cfg, workdir: str) -> dict:
     batch["ref_logps"] = ref_fn(ref_params, batch)
     state, bco, metrics = step_fn(state, bco, batch)
     step += 1
-    log.step(step, dict(metrics, skipped_pairs=len(bad)), int(np.sum(batch["segment_ids"] > 0)))
+    log.step(step, dict(metrics, skipped_pairs=len(bad)), int(np.sum(local["segment_ids"] > 0)))
     run.checkpointer.save(step, (state, bco), None, force=step == cfg.steps)
     log.end_of_step(step, state)
   trainer.finish(cfg, run, state, workdir)
   return log.last
-
-
-def _rewards(texts, questions, weights, group):
-  refs = [q["reference"] for q in questions for _ in range(group)]
-  flat = [t for row in texts for t in row]
-  total = rewards_lib.score(flat, refs, weights).reshape(len(questions), group)
-  correct = rewards_lib.score(flat, refs, {"accuracy": 1.0}).reshape(len(questions), group)
-  return total, correct
 
 
 def _rollout_round(cfg, run, engine, model, questions, round_index: int):
@@ -151,7 +108,7 @@ def _rollout_round(cfg, run, engine, model, questions, round_index: int):
     rolls = rollout.sample(model, engine, run.processor, picked, group_size=g.group_size,
                            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                            seed=int(rng.integers(2**31)), max_rows=g.max_rows)
-    total, correct = _rewards(rolls.texts, rolls.questions, dict(g.rewards), g.group_size)
+    total, correct = rolls.score(dict(g.rewards)), rolls.score({"accuracy": 1.0})
     keep = set(rewards_lib.select_prompts(correct, *g.accuracy_range)[0].tolist())
     adv = np.asarray(losses.group_advantages(total))
     kept += [(rolls, i, adv) for i in sorted(keep)]
@@ -172,15 +129,15 @@ def train_gspo(cfg, workdir: str) -> dict:
   g = cfg.gspo
   run = trainer.prepare(cfg, workdir)
   state, setup = run.state, run.setup
-  _check_rows(run, cfg.batch_size * g.group_size, f"batch_size x gspo.group_size ({cfg.batch_size} x {g.group_size})")
+  trainer.check_rows(run.mesh, cfg.batch_size * g.group_size,
+                     f"batch_size x gspo.group_size = {cfg.batch_size * g.group_size} rows")
   questions = load_records(cfg.data.meta)
   if not questions:
     raise ValueError(f"config.data.meta={cfg.data.meta}: no question with a reference answer")
   engine = Engine(trainer.model_of(state, setup))
-  pad_id = run.processor.tokenizer.pad_id
   step_fn = None
   step = int(jax.device_get(state.step))
-  log = _Log(run, cfg)
+  log = trainer.StepLog(run, cfg)
   while step < cfg.steps:
     # One rollout round from the current parameters, then mini_batches optimiser steps on it (the later ones
     # off-policy, where the clipped importance ratio matters). A resumed run restarts its round.
@@ -190,24 +147,26 @@ def train_gspo(cfg, workdir: str) -> dict:
       if step >= cfg.steps:
         break
       part = groups[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-      batch = sft.global_batch(_gspo_batch(part, cfg, pad_id), run.mesh, gspo_lib.BATCH_KEYS)
+      local = _gspo_batch(part, cfg, run.processor)
+      batch = sft.global_batch(local, run.mesh, gspo_lib.BATCH_KEYS)
       if step_fn is None:
         step_fn = gspo_lib.make_gspo_step(setup.graphdef, setup.rest, setup.tx, run.mesh, setup.state_sh,
                                           {k: v.sharding for k, v in batch.items()}, policy_loss=g.policy_loss,
                                           eps_low=g.eps_low, eps_high=g.eps_high)
       state, metrics = step_fn(state, batch)
       step += 1
-      log.step(step, dict(metrics, **round_metrics), int(np.sum(batch["segment_ids"] > 0)))
+      log.step(step, dict(metrics, **round_metrics), int(np.sum(local["segment_ids"] > 0)))
       run.checkpointer.save(step, state, None, force=step == cfg.steps)
       log.end_of_step(step, state)
   trainer.finish(cfg, run, state, workdir)
   return log.last
 
 
-def _gspo_batch(groups, cfg, pad_id) -> dict:
+def _gspo_batch(groups, cfg, processor) -> dict:
   """[(rollouts, prompt index, advantages [P, G])] -> one gspo_step batch of their len(groups) x G rows."""
   parts = [rollout.gspo_batch(rolls, [i], adv, max_tokens=cfg.data.max_tokens, max_tiles=cfg.data.max_tiles_per_row,
-                              pad_id=pad_id) for rolls, i, adv in groups]
+                              pad_id=processor.tokenizer.pad_id, tile_size=processor.tile_size)
+           for rolls, i, adv in groups]
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
