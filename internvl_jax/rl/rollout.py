@@ -76,8 +76,9 @@ def sample(model, engine: Engine, processor, questions: list, *, group_size: int
 def gspo_batch(rollouts: Rollouts, prompt_index, advantages, *, max_tokens: int, max_tiles: int, pad_id: int,
                tile_size: int) -> dict:
   """The `gspo.gspo_step` batch of the chosen prompts' groups: B = len(prompt_index) x G unpacked rows of
-  max_tokens, prompt then response (labels on the response only), pixel_values [B, max_tiles, tile_size,
-  tile_size, 3] (the prompt's tiles, then zero tiles; absent when max_tiles is 0, as `packing.make_batch`), old_logps [B, max_tokens - 1] aligned with the shifted labels, advantages [B] from `advantages` [P, G]."""
+  max_tokens, prompt then response (labels on the response only); pixel_values [B, max_tiles, tile_size,
+  tile_size, 3] (the prompt's tiles, then zero tiles; absent when max_tiles is 0, as `packing.make_batch`);
+  old_logps [B, max_tokens - 1] aligned with the shifted labels; advantages [B] from `advantages` [P, G]."""
   g = rollouts.ids.shape[1]
   rows = []
   for i in prompt_index:
