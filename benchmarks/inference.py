@@ -57,17 +57,17 @@ def ours(cfg, prompt, pixels, steps, batches):
   prefill = timed(lambda: jax.block_until_ready(engine.prefill(state, [prompt], pixels, cache_len)[0]), reps=2)
   decode = {}
   for b in batches:
-    rows = [np.arange(10, 138, dtype=np.int32)] * b
+    rows = [np.arange(10, 138, dtype=np.int32) % cfg.text.vocab_size] * b
     logits, cache, bb = engine.prefill(state, rows, None, cache_len)
     settings = settings_arrays([Sampling()] * b, bb)
     seen = jnp.zeros((bb, cfg.text.vocab_size), bool)
     active, key = jnp.ones((bb,), bool), jax.random.key(0)
     tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-    tokens, cache, seen = engine.decode(state, tokens, cache, seen, active, key, settings, 128)  # compile
+    tokens, cache, seen, _ = engine.decode(state, tokens, cache, seen, active, key, settings, 128)  # compile
     jax.block_until_ready(tokens)
     t0 = time.perf_counter()
     for i in range(steps):
-      tokens, cache, seen = engine.decode(state, tokens, cache, seen, active, key, settings, 129 + i)
+      tokens, cache, seen, _ = engine.decode(state, tokens, cache, seen, active, key, settings, 129 + i)
     jax.block_until_ready(tokens)
     decode[b] = steps * b / (time.perf_counter() - t0)
   return compile_s, prefill, decode
@@ -81,7 +81,7 @@ def theirs(cfg, dtype, prompt, pixels, steps, batches):
     prefill = timed(lambda: model(input_ids=ids, pixel_values=px, logits_to_keep=1), reps=2)
     decode = {}
     for b in batches:
-      rows = torch.arange(10, 138).repeat(b, 1)
+      rows = (torch.arange(10, 138) % cfg.text.vocab_size).repeat(b, 1)
       t_prefill = timed(lambda: model(input_ids=rows, logits_to_keep=1))
       total = timed(lambda: model.generate(input_ids=rows, max_new_tokens=steps + 1, min_new_tokens=steps + 1,
                                            do_sample=False, pad_token_id=0))
@@ -99,9 +99,12 @@ def main():
   torch.manual_seed(0)
   batches = [int(b) for b in args.batches.split(",")]
   base = zoo.get(args.preset)
-  prompt = np.concatenate([[151669], [base.image_token_id] * base.tokens_per_tile, [151670],
-                           np.arange(1000, 1118)]).astype(np.int32)  # 1 tile + 120 text tokens
-  pixels = np.random.default_rng(0).standard_normal((1, 448, 448, 3)).astype(np.float32)
+  vocab, size = base.text.vocab_size, base.vision.image_size
+  text = np.arange(1000, 1118) % vocab  # token ids wrap around the small vocabularies of the test presets
+  text[text == base.image_token_id] = 1
+  prompt = np.concatenate([[151669 % vocab], [base.image_token_id] * base.tokens_per_tile, [151670 % vocab],
+                           text]).astype(np.int32)  # 1 tile + 120 text tokens
+  pixels = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
   print(f"{args.preset}, prompt {len(prompt)} tokens (1 tile + 120 text), {torch.get_num_threads()} torch threads, "
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
   for name in args.dtypes.split(","):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from internvl_jax import layers
 from internvl_jax.sharding import logical_to_spec
 from kernels.platform import platform
 
@@ -78,7 +79,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", interpret: str 
   """lhs [tokens, k] sorted by group, rhs [groups, k, n], group_sizes [groups] -> [tokens, n]."""
   impl = resolve(impl, interpret, allowed=("auto", "xla", "pallas"))
   if impl == "xla":
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
+    wide = jnp.float32 if layers.wide_products() else None
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=wide).astype(lhs.dtype)
   import kernels
   return kernels.gmm(lhs, rhs, group_sizes.astype(jnp.int32), backend=interpret or "auto",
                      interpret=interpret is not None)

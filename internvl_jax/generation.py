@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax.internvl import InternVL, check_vocab, merge_image_features
+from internvl_jax.layers import kv_storage
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -51,12 +52,13 @@ class Sampling:
 
 
 def init_cache(cfg, batch: int, length: int):
-  """An empty KV cache: per-layer keys [batch, kv_heads, length, head_dim] and values [batch, kv_heads,
-  head_dim, length] (see qwen3.Attention), slot validity, and each row's next write slot."""
+  """An empty KV cache: per-layer keys [batch, kv_heads, head_dim, length] and values [batch, kv_heads,
+  length, head_dim] (see qwen3.Attention) with elements as `layers.kv_storage` keeps them, slot validity,
+  and each row's next write slot."""
   t = cfg.text
-  zeros = lambda *shape: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(t.num_layers))
-  return {"k": zeros(batch, t.num_kv_heads, length, t.head_dim),
-          "v": zeros(batch, t.num_kv_heads, t.head_dim, length), "valid": jnp.zeros((batch, length), bool),
+  zeros = lambda *shape: tuple(jnp.zeros(shape, kv_storage(cfg.compute_dtype)) for _ in range(t.num_layers))
+  return {"k": zeros(batch, t.num_kv_heads, t.head_dim, length),
+          "v": zeros(batch, t.num_kv_heads, length, t.head_dim), "valid": jnp.zeros((batch, length), bool),
           "index": jnp.zeros((batch,), jnp.int32)}
 
 
@@ -105,6 +107,10 @@ class Engine:
   def __init__(self, model: InternVL):
     self.cfg = model.cfg
     self.graphdef = nnx.graphdef(model)
+    # XLA:CPU multiplies one bfloat16 row by a weight on a matrix-vector path ~8x slower than two rows (which
+    # run on AVX512-BF16), so there bfloat16 prefills and decodes at least two rows (the spare one inactive)
+    cpu_bf16 = jax.default_backend() == "cpu" and jnp.dtype(self.cfg.compute_dtype) == jnp.bfloat16
+    self.min_batch = 2 if cpu_bf16 else 1
     self._prefill = jax.jit(self._prefill_impl, donate_argnums=(4,))
     self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("span",))
     self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
@@ -138,8 +144,8 @@ class Engine:
     return nxt, cache, seen, token_logp(logits, nxt)
 
   def _insert_impl(self, cache, one, row):
-    """Copy a one-row cache (a prefilled request) into row `row` of the batch cache."""
-    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), row, axis=0)
+    """Copy row 0 of a prefilled cache (one request) into row `row` of the batch cache."""
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small[:1].astype(big.dtype), row, axis=0)
     return jax.tree.map(put, cache, one)
 
   # ------------------------------------------------------------------------------- host side
@@ -147,7 +153,7 @@ class Engine:
   def prefill(self, state, rows: list[np.ndarray], pixel_values, cache_len: int):
     """rows: token id arrays (unpadded); pixel_values: all tiles in row order, or None.
     -> (last-position logits [B_bucket, V], cache, B_bucket)."""
-    b = bucket(len(rows))
+    b = max(bucket(len(rows)), self.min_batch)
     longest = max(len(r) for r in rows)
     if longest > cache_len:
       raise ValueError(f"a prompt of {longest} tokens does not fit a cache of {cache_len} slots")

@@ -15,7 +15,7 @@ from flax import nnx
 
 from internvl_jax.config import VisionConfig
 from internvl_jax import dispatch
-from internvl_jax.layers import call_layer, gelu, make_norm, param
+from internvl_jax.layers import call_layer, dense, gelu, make_norm, param
 from internvl_jax.sharding import constrain
 
 
@@ -79,7 +79,7 @@ class InternViTAttention(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    qkv = jnp.einsum("btd,dsnh->btsnh", x, self.qkv[...].astype(dt))
+    qkv = dense("btd,dsnh->btsnh", x, self.qkv[...])
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(dt)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -88,7 +88,7 @@ class InternViTAttention(nnx.Module):
       q = self.q_norm(q.reshape(b, t, n * h)).reshape(b, t, n, h)
       k = self.k_norm(k.reshape(b, t, n * h)).reshape(b, t, n, h)
     out = dispatch.attention(q, k, v, causal=False, impl=self.impl, interpret=self.interpret)
-    return jnp.einsum("btnh,nhd->btd", out, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
+    return dense("btnh,nhd->btd", out, self.proj[...]) + self.proj_bias[...].astype(dt)
 
 
 class InternViTLayer(nnx.Module):
@@ -109,8 +109,8 @@ class InternViTLayer(nnx.Module):
 
   def mlp(self, x):
     dt = x.dtype
-    h = gelu(jnp.einsum("btd,di->bti", x, self.fc1[...].astype(dt)) + self.fc1_bias[...].astype(dt))
-    return jnp.einsum("bti,id->btd", h, self.fc2[...].astype(dt)) + self.fc2_bias[...].astype(dt)
+    h = gelu(dense("btd,di->bti", x, self.fc1[...]) + self.fc1_bias[...].astype(dt))
+    return dense("bti,id->btd", h, self.fc2[...]) + self.fc2_bias[...].astype(dt)
 
   def __call__(self, x, rng=None):
     dt = x.dtype
@@ -149,7 +149,7 @@ class InternViT(nnx.Module):
       raise ValueError(f"pixel_values must be [tiles, H, W, 3] with H, W multiples of {p}; got {pixel_values.shape}")
     gh, gw = hgt // p, wid // p
     patches = pixel_values.astype(dt).reshape(t, gh, p, gw, p, 3).transpose(0, 1, 3, 2, 4, 5)
-    x = jnp.einsum("tijpqc,pqcd->tijd", patches, self.patch_embed[...].astype(dt)) + self.patch_bias[...].astype(dt)
+    x = dense("tijpqc,pqcd->tijd", patches, self.patch_embed[...]) + self.patch_bias[...].astype(dt)
     x = x.reshape(t, gh * gw, -1)
     pos = self.position_embedding[...]
     g = self.cfg.grid

@@ -84,6 +84,39 @@ def make_norm(kind: str, dim: int, eps: float, *, param_dtype, rngs, axes=("embe
   raise ValueError(f"unknown norm_type {kind!r} (expected 'layer_norm' or 'rms_norm')")
 
 
+def wide_products() -> bool:
+  """Whether products ask for a float32 result and cast it back: on the CPU, where that is the only form in
+  which XLA runs a bfloat16 product on AVX512-BF16 instructions (twice its float32 rate; asked for a bfloat16
+  result it converts and runs at the float32 rate, WORKSPACE.md, Inference). Accelerators accumulate in
+  float32 inside the product anyway, and there the product's output keeps the activation dtype, so a remat
+  policy that saves dot outputs saves them at that width."""
+  return jax.default_backend() == "cpu"
+
+
+def dense(spec: str, x, w):
+  """`jnp.einsum(spec, x, w)` of activations x and a weight w, in x's dtype (see `wide_products`)."""
+  if not wide_products():
+    return jnp.einsum(spec, x, w.astype(x.dtype))
+  return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def kv_storage(dtype):
+  """The KV cache's element type for a compute dtype: 16-bit floats are stored as their uint16 bit patterns.
+  XLA:CPU runs a bfloat16 scatter or dynamic_update_slice in float32, converting the whole cache there and
+  back on every decode step (~40 ms per layer at batch 8); on uint16 the write stays in place."""
+  return jnp.dtype(jnp.uint16) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(dtype)
+
+
+def to_storage(x, storage):
+  """Values in the compute dtype -> the cache's element type (`kv_storage`)."""
+  return jax.lax.bitcast_convert_type(x, storage) if storage == jnp.uint16 else x.astype(storage)
+
+
+def from_storage(x, dtype):
+  """Cache elements -> values in the compute dtype `dtype`."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x.astype(dtype)
+
+
 def gelu(x):
   """Exact (erf) GELU, as nn.GELU() and ACT2FN['gelu'] in the reference."""
   return jax.nn.gelu(x, approximate=False)
@@ -114,7 +147,7 @@ def masked_attention(q, k, v, mask=None, scale: float | None = None):
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+  return dense("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
 def headwise_attention(q, k, v, mask=None, scale: float | None = None):
@@ -149,18 +182,22 @@ def headwise_attention(q, k, v, mask=None, scale: float | None = None):
 
 
 def cached_attention(q, k_cache, v_cache, mask):
-  """Attention of new queries q [b, t, n, h] over a KV cache, keys [b, kv, S, h] and values [b, kv, h, S],
-  with mask [b, t, S]."""
+  """Attention of new queries q [b, t, n, h] over a KV cache, keys [b, kv, h, S] and values [b, kv, S, h]
+  (elements as `kv_storage` keeps them), with mask [b, t, S]."""
   b, t, n, h = q.shape
+  k_cache, v_cache = from_storage(k_cache, q.dtype), from_storage(v_cache, q.dtype)
   if t > 1 and headwise_pays():  # a prefill
-    return headwise_attention(q, k_cache.transpose(0, 2, 1, 3).astype(q.dtype),
-                              v_cache.transpose(0, 3, 1, 2).astype(q.dtype), mask)
+    return headwise_attention(q, k_cache.transpose(0, 3, 1, 2), v_cache.transpose(0, 2, 1, 3), mask)
   kv = k_cache.shape[1]
-  qg = q.reshape(b, t, kv, n // kv, h)
-  logits = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-  logits = jnp.where(mask[:, None, None, :, :], logits / math.sqrt(h), NEG_INF)
+  g = n // kv
+  # queries as rows [b, kv, t*g, h]: XLA:CPU then runs the bfloat16 products on its fast path (with a
+  # separate t dimension it falls back to a dot that has no bfloat16 x bfloat16 -> float32 kernel)
+  qg = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, h)
+  logits = jnp.einsum("bkqh,bkhs->bkqs", qg, k_cache, preferred_element_type=jnp.float32)
+  logits = jnp.where(jnp.repeat(mask, g, axis=1)[:, None], logits / math.sqrt(h), NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  return jnp.einsum("bkgts,bkhs->btkgh", probs, v_cache.astype(q.dtype)).reshape(b, t, n, h)
+  out = dense("bkqs,bksh->bkqh", probs, v_cache)
+  return out.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
 def headwise_pays() -> bool:

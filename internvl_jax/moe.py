@@ -14,7 +14,7 @@ from flax import nnx
 
 from internvl_jax import dispatch
 from internvl_jax.config import TextConfig
-from internvl_jax.layers import param
+from internvl_jax.layers import dense, param
 
 
 def route(router_logits, top_k: int, norm_topk_prob: bool):
@@ -82,7 +82,7 @@ class MoE(nnx.Module):
     b, t, d = x.shape
     k = self.cfg.num_experts_per_tok
     xf = x.reshape(b * t, d)
-    logits = jnp.einsum("td,de->te", xf, self.router[...].astype(x.dtype))
+    logits = dense("td,de->te", xf, self.router[...])
     weights, experts, probs = route(logits, k, self.cfg.norm_topk_prob)
     dt = x.dtype
     fn = functools.partial(routed_experts, impl=self.impl, interpret=self.interpret)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from internvl_jax.layers import LayerNorm, gelu, param
+from internvl_jax.layers import LayerNorm, dense, gelu, param
 from internvl_jax.pixel_shuffle import pixel_shuffle
 
 
@@ -20,8 +20,8 @@ class MLPProjector(nnx.Module):
 
   def __call__(self, x):
     dt = x.dtype
-    h = jnp.einsum("tnc,cd->tnd", self.norm(x), self.linear_1[...].astype(dt)) + self.bias_1[...].astype(dt)
-    return jnp.einsum("tnc,cd->tnd", gelu(h), self.linear_2[...].astype(dt)) + self.bias_2[...].astype(dt)
+    h = dense("tnc,cd->tnd", self.norm(x), self.linear_1[...]) + self.bias_1[...].astype(dt)
+    return dense("tnc,cd->tnd", gelu(h), self.linear_2[...]) + self.bias_2[...].astype(dt)
 
 
 def extract_feature(vit_hidden, projector: MLPProjector, downsample_ratio: float):

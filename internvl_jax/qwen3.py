@@ -17,7 +17,7 @@ from flax import nnx
 
 from internvl_jax.config import TextConfig
 from internvl_jax import dispatch
-from internvl_jax.layers import RMSNorm, call_layer, cached_attention, param, rope
+from internvl_jax.layers import RMSNorm, cached_attention, call_layer, dense, param, rope, to_storage
 from internvl_jax.moe import MoE, load_balancing_loss
 from internvl_jax.sharding import constrain
 
@@ -47,9 +47,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, kv=None, cache=None):
     """Without a cache: causal attention over x. With one (generation): the new keys/values are written
-    at cache['index'] + 0..t-1 of kv = (k_cache [b, kv, S, h], v_cache [b, kv, h, S]), and the queries
+    at cache['index'] + 0..t-1 of kv = (k_cache [b, kv, h, S], v_cache [b, kv, S, h]), and the queries
     attend to every valid cache slot up to their own; returns (out, new kv)."""
-    dt = x.dtype
     q = self.q_norm(self.project_in(x, self.q_proj))
     k = self.k_norm(self.project_in(x, self.k_proj))
     v = self.project_in(x, self.v_proj)
@@ -59,21 +58,21 @@ class Attention(nnx.Module):
       out = dispatch.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.impl,
                                interpret=self.interpret)
       return self.project_out(out)
-    # keys [b, kv, S, h], values [b, kv, h, S]: both decode products (q.k over h, p.v over S) then contract
-    # each cache over its minor dimension, the layout XLA:CPU streams at memory speed
+    # keys [b, kv, h, S], values [b, kv, S, h]: each decode product (q.k over h, p.v over S) contracts the
+    # cache's second-to-last dimension and runs along its last, ~2x faster on XLA:CPU than contracting the last
     k_cache, v_cache = kv
     rows, slots = cache["rows"], cache["slots"]
-    k_cache = k_cache.at[rows, :, slots].set(k.astype(k_cache.dtype))
-    v_cache = v_cache.at[rows, :, :, slots].set(v.astype(v_cache.dtype))
+    k_cache = k_cache.at[rows, :, :, slots].set(to_storage(k, k_cache.dtype))
+    v_cache = v_cache.at[rows, :, slots].set(to_storage(v, v_cache.dtype))
     span = cache["span"]  # attend over the first `span` slots only: all that can be valid yet
-    out = cached_attention(q, k_cache[:, :, :span], v_cache[..., :span], cache["mask"][:, :, :span])
+    out = cached_attention(q, k_cache[..., :span], v_cache[:, :, :span], cache["mask"][:, :, :span])
     return self.project_out(out), (k_cache, v_cache)
 
   @staticmethod
   def project_in(x, proj):
     """x [b, t, d] @ proj [d, heads, h] -> [b, t, heads, h], as one 2-D product (see project_out)."""
     d, heads, h = proj.shape
-    y = jnp.einsum("btd,df->btf", x, proj[...].astype(x.dtype).reshape(d, heads * h))
+    y = dense("btd,df->btf", x, proj[...].reshape(d, heads * h))
     return y.reshape(*x.shape[:2], heads, h)
 
   def project_out(self, out):
@@ -81,8 +80,7 @@ class Attention(nnx.Module):
     lay out the small activation to match the weight, where it otherwise copied the whole [n, h, d]
     weight into (h, n) order on every decode step (8 MB, ~5 ms per layer on the CPU)."""
     b, t, n, h = out.shape
-    w = self.o_proj[...].astype(out.dtype).reshape(n * h, -1)
-    return jnp.einsum("btf,fd->btd", out.reshape(b, t, n * h), w)
+    return dense("btf,fd->btd", out.reshape(b, t, n * h), self.o_proj[...].reshape(n * h, -1))
 
 
 class MLP(nnx.Module):
@@ -95,10 +93,8 @@ class MLP(nnx.Module):
     self.down = param(rngs, (i, d), ("mlp", "embed"), param_dtype)
 
   def __call__(self, x):
-    dt = x.dtype
-    h = jax.nn.silu(jnp.einsum("btd,di->bti", x, self.gate[...].astype(dt)))
-    h = h * jnp.einsum("btd,di->bti", x, self.up[...].astype(dt))
-    return jnp.einsum("bti,id->btd", h, self.down[...].astype(dt))
+    h = jax.nn.silu(dense("btd,di->bti", x, self.gate[...])) * dense("btd,di->bti", x, self.up[...])
+    return dense("bti,id->btd", h, self.down[...])
 
 
 class GptOssExperts(nnx.Module):
@@ -168,8 +164,9 @@ class Qwen3Decoder(nnx.Module):
   def __call__(self, x, positions, segment_ids, cache=None, logits_at=None, span=None, return_hidden=False):
     """x: input embeddings [b, t, d]; positions [b, t]; segment_ids [b, t] (0 = padding).
 
-    cache (generation, see generation.py): {'k', 'v': per-layer [b, kv, S, h], 'valid' [b, S], 'index' [b]};
-    the t tokens go to slots index..index+t-1, and the updated cache is returned as a third result.
+    cache (generation, see generation.py): {'k': per-layer [b, kv, h, S], 'v': per-layer [b, kv, S, h],
+    'valid' [b, S], 'index' [b]}; the t tokens go to slots index..index+t-1, and the updated cache is returned
+    as a third result.
     logits_at [b]: compute logits only at these positions ([b, 1, vocab]), as generation needs.
     span (static): attention reads only cache slots [0, span), which must hold every valid slot.
     return_hidden: return the final normed hidden states [b, t, d] instead of logits (a chunked loss then
@@ -197,7 +194,7 @@ class Qwen3Decoder(nnx.Module):
       aux = load_balancing_loss(counts, probs, rows)
     if return_hidden:
       return x, aux
-    logits = jnp.einsum("btd,dv->btv", x, self.head().astype(self.dtype))
+    logits = dense("btd,dv->btv", x, self.head())
     logits = constrain(logits, ("batch", "length", "vocab"))
     if cache is None:
       return logits, aux

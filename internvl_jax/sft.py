@@ -25,6 +25,7 @@ import optax
 from flax import nnx, struct
 
 from internvl_jax import sharding
+from internvl_jax.layers import dense
 from internvl_jax.processor import IGNORE
 
 BATCH_KEYS = ("input_ids", "labels", "loss_weights", "segment_ids", "position_ids", "pixel_values")
@@ -55,7 +56,7 @@ def chunked_next_token_ce(hidden, head, labels, weights, chunk: int):
 
   @jax.checkpoint
   def piece(h_c, t_c, w_c):
-    logits = jnp.einsum("bcd,dv->bcv", h_c, head.astype(h_c.dtype)).astype(jnp.float32)
+    logits = dense("bcd,dv->bcv", h_c, head).astype(jnp.float32)
     valid = t_c != IGNORE
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, t_c, 0))
     w_c = jnp.where(valid, w_c, 0.0)

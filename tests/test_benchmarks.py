@@ -1,4 +1,4 @@
-"""The kernel benchmark runs on the CPU (XLA paths, small shapes) and prints its table."""
+"""The benchmarks run on the CPU (kernels: XLA paths, small shapes; inference: a tiny preset) and print their tables."""
 import subprocess
 import sys
 
@@ -9,3 +9,11 @@ def test_kernel_benchmark_runs():
   assert "measured matmul peak" in out
   assert out.count("XLA (reference)") == 2 and out.count("ragged_dot (XLA)") == 2
   assert "x XLA" in out and "TFLOP/s" in out
+
+
+def test_inference_benchmark_runs():
+  out = subprocess.run([sys.executable, "benchmarks/inference.py", "--preset", "tiny-dense", "--steps", "2",
+                        "--batches", "1,2"], check=True, capture_output=True, text=True).stdout
+  for dtype in ("float32", "bfloat16"):
+    assert f"\n{dtype}:" in out
+  assert out.count("time ratio") == 2 and out.count("speed ratio") == 4

@@ -153,3 +153,25 @@ def test_chat_decodes_generate(ckpt_dir):
         want[:want.index(cut)].strip()
   thinking, answer = ij.chat(model, proc, "Why?", thinking=True, max_new_tokens=4)
   assert isinstance(thinking, str) and isinstance(answer, str)
+
+
+def test_bfloat16_decode_follows_the_full_forward(hf_checkpoint):
+  """bfloat16 generation (KV cache stored as uint16 bits; on the CPU a single row decodes in a batch of two)
+  scores every new token as a forward pass over the whole sequence without a cache does."""
+  import jax
+  model = ij.from_pretrained(hf_checkpoint("dense")[0], dtype="bfloat16")
+  assert ij.generation.engine_for(model).min_batch == (2 if jax.default_backend() == "cpu" else 1)
+  for batch in (1, 3):
+    ids, mask, pixels = prompts(batch, seed=7)
+    new, logps = ij.generate(model, ids, pixels, attention_mask=mask, max_new_tokens=16, eos_token_ids=(),
+                             return_logps=True)
+    tiles = np.cumsum([0] + [int(np.sum(r == IMAGE_TOKEN)) // 4 for r in ids])
+    for i in range(batch):
+      prompt = ids[i][mask[i] == 1]
+      seq = np.concatenate([prompt, new[i]])[None]
+      logits = model(seq, pixels[tiles[i]:tiles[i + 1]] if tiles[i + 1] > tiles[i] else None)
+      full = np.asarray(jax.nn.log_softmax(logits[0, len(prompt) - 1:-1].astype(np.float32), axis=-1))
+      np.testing.assert_allclose(logps[i], full[np.arange(16), new[i]], atol=0.05, err_msg=f"batch {batch} row {i}")
+      top2 = np.sort(full, axis=-1)[:, -2:]
+      clear = top2[:, 1] - top2[:, 0] > 0.1  # greedy picks the full forward's argmax wherever it is clear
+      np.testing.assert_array_equal(new[i][clear], full.argmax(-1)[clear])

@@ -86,6 +86,7 @@ def test_decoder_sets_equal_the_saved_residuals(moe, monkeypatch):
   JAX keeps for a bfloat16 DecoderLayer (XLA attention, so the scores are part of it). The batched XLA form
   is what runs under a training mesh; the CPU's single-device head-wise form saves other residuals."""
   monkeypatch.setattr("internvl_jax.layers.headwise_pays", lambda: False)
+  monkeypatch.setattr("internvl_jax.layers.wide_products", lambda: False)  # the accelerators' form, as plan models
   from internvl_jax import qwen3
   from internvl_jax.config import TextConfig
   from internvl_jax.layers import remat_policy
@@ -114,6 +115,7 @@ def test_decoder_sets_equal_the_saved_residuals(moe, monkeypatch):
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-6b"])
 def test_vit_sets_equal_the_saved_residuals(name, monkeypatch):
   monkeypatch.setattr("internvl_jax.layers.headwise_pays", lambda: False)  # as in the decoder test
+  monkeypatch.setattr("internvl_jax.layers.wide_products", lambda: False)
   from internvl_jax import intern_vit
   from internvl_jax.layers import remat_policy
   v = zoo.get(name).vision
