@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax.internvl import InternVL, check_vocab, merge_image_features
-from internvl_jax.layers import kv_storage
+from internvl_jax.layers import kv_storage, wide_products
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -107,10 +107,10 @@ class Engine:
   def __init__(self, model: InternVL):
     self.cfg = model.cfg
     self.graphdef = nnx.graphdef(model)
-    # XLA:CPU multiplies one bfloat16 row by a weight on a matrix-vector path ~8x slower than two rows (which
-    # run on AVX512-BF16), so there bfloat16 prefills and decodes at least two rows (the spare one inactive)
-    cpu_bf16 = jax.default_backend() == "cpu" and jnp.dtype(self.cfg.compute_dtype) == jnp.bfloat16
-    self.min_batch = 2 if cpu_bf16 else 1
+    # Where products take the wide (CPU) form, one bfloat16 row still runs on a matrix-vector path ~8x slower
+    # than two rows (which run on AVX512-BF16), so bfloat16 prefills and decodes at least two rows there (the
+    # spare one inactive)
+    self.min_batch = 2 if wide_products() and self.cfg.compute_dtype == jnp.bfloat16 else 1
     self._prefill = jax.jit(self._prefill_impl, donate_argnums=(4,))
     self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("span",))
     self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))

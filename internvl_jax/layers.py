@@ -94,7 +94,8 @@ def wide_products() -> bool:
 
 
 def dense(spec: str, x, w):
-  """`jnp.einsum(spec, x, w)` of activations x and a weight w, in x's dtype (see `wide_products`)."""
+  """`jnp.einsum(spec, x, w)` of activations x and a weight (or attention values) w, in x's dtype (see
+  `wide_products`)."""
   if not wide_products():
     return jnp.einsum(spec, x, w.astype(x.dtype))
   return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
