@@ -2,9 +2,11 @@
 
   python serve.py --checkpoint=/data/InternVL3_5-1B --image=cat.jpg --prompt="What is this?"
   python serve.py --checkpoint=/data/InternVL3_5-1B --port=8000      # POST /v1/chat/completions
+  python serve.py --checkpoint=/data/InternVL3_5-1B --port=0         # the OS picks the port; the first line says it
   python serve.py --checkpoint=runs/digits --image=digit.png --prompt="Which digit is this?"   # a train.py run
 """
 import os
+import signal
 import sys
 
 import jax.numpy as jnp
@@ -18,11 +20,18 @@ flags.DEFINE_string("prompt", None, "one-shot mode: the question")
 flags.DEFINE_multi_string("image", [], "one-shot mode: image file(s)")
 flags.DEFINE_string("video", None, "one-shot mode: a video file")
 flags.DEFINE_boolean("thinking", False, "use the thinking-mode system prompt")
-flags.DEFINE_integer("port", None, "start the HTTP server on this port")
+flags.DEFINE_integer("port", None, "start the HTTP server on this port (0: any free port, printed at start)")
 flags.DEFINE_string("host", "127.0.0.1", "server address")
+flags.DEFINE_string("served_model_name", None, "server: the model id clients name (default: the checkpoint folder's "
+                    "last path part); requests naming another model get a 404")
 flags.DEFINE_integer("max_batch", 8, "server: rows of the running decode batch")
 flags.DEFINE_integer("max_len", 4096, "server: context length (prompt + answer) per request")
-flags.DEFINE_integer("max_new_tokens", 512, "answer length limit")
+flags.DEFINE_integer("max_request_bytes", 8 << 20, "server: request body limit (larger bodies get a 413)")
+flags.DEFINE_integer("max_image_pixels", 1 << 25, "server: pixels per image (width x height, read from the image "
+                     "header before decoding; larger images get a 400)")
+flags.DEFINE_float("shutdown_timeout", 30.0, "server: on SIGTERM, seconds that running requests get to finish")
+flags.DEFINE_integer("seed", 0, "server: seeds the seeds of requests that bring none")
+flags.DEFINE_integer("max_new_tokens", 512, "answer length limit (server: the default max_tokens)")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
 flags.DEFINE_integer("top_k", 0, "0 = off")
@@ -41,9 +50,17 @@ def main(argv):
   processor = ij.Processor.from_pretrained(path)
   if f.port is not None:
     import uvicorn
-    from internvl_jax.server import make_app
-    uvicorn.run(make_app(model, processor, model_name=f.checkpoint.rstrip("/").split("/")[-1], max_batch=f.max_batch,
-                         max_len=f.max_len, max_tokens=f.max_new_tokens), host=f.host, port=f.port)
+    from internvl_jax.server import bind, make_app
+    name = f.served_model_name or os.path.basename(os.path.normpath(f.checkpoint))
+    app_ = make_app(model, processor, model_name=name, max_batch=f.max_batch, max_len=f.max_len,
+                    max_tokens=f.max_new_tokens, max_request_bytes=f.max_request_bytes,
+                    max_image_pixels=f.max_image_pixels, seed=f.seed)
+    sock = bind(f.host, f.port)
+    host, port = sock.getsockname()[:2]
+    print(f"serve.py: serving {name!r} on http://{host}:{port}", flush=True)
+    # uvicorn re-raises the SIGTERM it drained on after its shutdown; exit 0 then, not "killed by signal"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.Server(uvicorn.Config(app_, timeout_graceful_shutdown=f.shutdown_timeout)).run(sockets=[sock])
     return
   if f.prompt is None:
     sys.exit("serve.py: give --prompt (one-shot) or --port (server)")

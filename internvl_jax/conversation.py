@@ -44,6 +44,7 @@ class Template:
   assistant_header: str
   sep: str
   stop: tuple[str, ...]
+  control_tokens: tuple[str, ...] = ()  # the special tokens the template writes around turns
 
   def turns(self, messages: list[dict], *, system: str | None = None, add_generation_prompt: bool = True):
     """messages: [{'role': 'system'|'user'|'assistant', 'content': str}] (image placeholders already
@@ -74,7 +75,7 @@ TEMPLATES: dict[str, Template] = {
     "internvl2_5": Template(
         name="internvl2_5", system_message=INTERNVL_SYSTEM, system_format="<|im_start|>system\n{system}",
         user_header="<|im_start|>user\n", assistant_header="<|im_start|>assistant\n", sep="<|im_end|>\n",
-        stop=("<|im_end|>",)),
+        stop=("<|im_end|>",), control_tokens=("<|im_start|>", "<|im_end|>")),
 }
 
 

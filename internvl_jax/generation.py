@@ -11,7 +11,8 @@ log2(C/64)+1 decode programs (cache length, batch, and the span of slots attenti
 
 Each row's prompt sits at cache slots 0..len-1 (padding after it is marked invalid and overwritten as the
 row grows), so rows of different lengths decode side by side at their own positions, and a server can
-put a new request into any free row (continuous batching).
+put a new request into any free row (continuous batching: `Engine.join`). The first token after a prefill
+is drawn by a jitted program too (`Engine.first_token`), shared by `generate` and the server.
 """
 from __future__ import annotations
 
@@ -70,7 +71,9 @@ def token_logp(logits, tokens):
 
 
 def sample(logits, key, seen, temperature, top_k, top_p, penalty):
-  """logits [b, V] float32; per-row settings [b]; seen [b, V] tokens already in the sequence.
+  """logits [b, V] float32; per-row settings [b]; seen [b, V] tokens already in the sequence. key: one PRNG
+  key for the whole batch, or one per row ([b]), so that a row's draw depends on its own key alone (what a
+  server's per-request seed needs: the same answer whatever else shares the batch).
 
   The sorts that top-k / top-p need over the whole vocabulary cost more than a decode step's matmuls on
   a CPU, so they run (lax.cond) only when some row samples with such a filter; greedy rows take argmax.
@@ -94,14 +97,18 @@ def sample(logits, key, seen, temperature, top_k, top_p, penalty):
   def sampled(x):
     scaled = x / jnp.maximum(temperature, 1e-6)[:, None]
     scaled = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda y: y, scaled)
-    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    if key.ndim == 0:
+      drawn = jax.random.categorical(key, scaled, axis=-1)
+    else:
+      drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled)
+    drawn = drawn.astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
   return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda x: greedy, logits)
 
 
 class Engine:
-  """The jitted prefill / decode / insert programs of one model structure. Parameters are passed per call
+  """The jitted prefill / first-token / decode / join programs of one model structure. Parameters are passed per call
   (`state = nnx.state(model)`), so a model that is being trained generates with its current weights."""
 
   def __init__(self, model: InternVL):
@@ -113,7 +120,8 @@ class Engine:
     self.min_batch = 2 if wide_products() and self.cfg.compute_dtype == jnp.bfloat16 else 1
     self._prefill = jax.jit(self._prefill_impl, donate_argnums=(4,))
     self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("span",))
-    self._insert = jax.jit(self._insert_impl, donate_argnums=(0,))
+    self._first = jax.jit(self._pick, donate_argnums=(1,))
+    self._join = jax.jit(self._join_impl, donate_argnums=(0, 1, 2))
 
   # ------------------------------------------------------------------------------- jitted programs
 
@@ -138,15 +146,19 @@ class Engine:
     positions = cache["index"][:, None]
     logits, _, cache = lm(embeds, positions, active[:, None].astype(jnp.int32), cache=cache,
                           logits_at=jnp.zeros_like(tokens), span=span)
-    logits = logits[:, 0].astype(jnp.float32)
-    nxt = sample(logits, key, seen, *settings)
-    seen = seen.at[jnp.arange(tokens.shape[0]), nxt].set(True)
-    return nxt, cache, seen, token_logp(logits, nxt)
+    nxt, seen, logp = self._pick(logits[:, 0].astype(jnp.float32), seen, key, settings)
+    return nxt, cache, seen, logp
 
-  def _insert_impl(self, cache, one, row):
-    """Copy row 0 of a prefilled cache (one request) into row `row` of the batch cache."""
+  def _pick(self, logits, seen, key, settings):
+    """The next token of every row from its logits, marked as seen, with its log-prob."""
+    nxt = sample(logits, key, seen, *settings)
+    seen = seen.at[jnp.arange(nxt.shape[0]), nxt].set(True)
+    return nxt, seen, token_logp(logits, nxt)
+
+  def _join_impl(self, cache, tokens, seen, one, row, first, first_seen):
+    """Row 0 of a prefilled request (its cache, first token and seen row) into row `row` of a running batch."""
     put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small[:1].astype(big.dtype), row, axis=0)
-    return jax.tree.map(put, cache, one)
+    return jax.tree.map(put, cache, one), tokens.at[row].set(first[0]), seen.at[row].set(first_seen[0])
 
   # ------------------------------------------------------------------------------- host side
 
@@ -182,8 +194,15 @@ class Engine:
     span = min(cache["valid"].shape[1], bucket(longest + 1, 64))
     return self._decode(state, tokens, cache, seen, active, key, settings, span=span)
 
-  def insert(self, cache, one, row: int):
-    return self._insert(cache, one, jnp.int32(row))
+  def first_token(self, logits, seen, key, settings):
+    """The token after a prefill, drawn as the decode step draws: (tokens [b], seen, log-probs [b]).
+    Jitted like the other programs: eager sampling would compile its lax.conds anew on every call."""
+    return self._first(logits, seen, key, settings)
+
+  def join(self, cache, tokens, seen, one, row: int, first, first_seen):
+    """Continuous batching: put a prefilled request (`one` from `prefill`, its first token and seen table
+    from `first_token`) into row `row` of the running batch's (cache, tokens, seen), all donated."""
+    return self._join(cache, tokens, seen, one, jnp.int32(row), first, first_seen)
 
 
 def settings_arrays(samplings: list[Sampling], batch: int):
@@ -233,9 +252,7 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   seen = jnp.asarray(seen)
   key = jax.random.key(seed)
   key, sub = jax.random.split(key)
-  tokens = sample(logits, sub, seen, *settings)
-  logp = token_logp(logits, tokens)
-  seen = seen.at[jnp.arange(b), tokens].set(True)
+  tokens, seen, logp = engine.first_token(logits, seen, sub, settings)
   active = np.arange(b) < len(rows)
   eos = np.asarray(list(eos_token_ids or ()), np.int32)
   out = np.full((len(rows), max_new_tokens), pad_token_id, np.int64)

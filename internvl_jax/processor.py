@@ -5,8 +5,11 @@ Messages are `{'role': 'system'|'user'|'assistant', 'content': ...}` or InternVL
 `{'from': 'system'|'human'|'gpt', 'value': ...}`. Content is a string with `<image>` / `<video>`
 placeholders filled in order from `images=` / `videos=`, or a list of parts `{'type': 'text', 'text': ...}`,
 `{'type': 'image', 'image': PIL | path | bytes | array}`, `{'type': 'video', 'video': path | [frames]}`.
-The image markers `<img>`, `</img>` and `<IMG_CONTEXT>` may not appear in message text: the processor
-alone writes them, and the model pairs each `<IMG_CONTEXT>` with an image feature.
+The image markers `<img>`, `</img>` and `<IMG_CONTEXT>`, the chat template's control tokens (`<|im_start|>`,
+`<|im_end|>`) and the tokenizer's pad token (`<|endoftext|>`) may not appear in message text: the processor
+alone writes them. The tokenizer would read them as the special tokens, so a user's text could forge a turn
+or break the pairing of each `<IMG_CONTEXT>` with an image feature; such text is refused (ValueError), not
+silently re-tokenized.
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ from internvl_jax.tokenizer import Tokenizer
 IGNORE = -100
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 _PLACEHOLDER = re.compile(r"<image>|<video>")
-_MARKERS = re.compile("|".join(re.escape(t) for t in (IMG_CONTEXT, IMG_START, IMG_END)))
 
 
 def loss_weights(labels: np.ndarray) -> np.ndarray:
@@ -55,6 +57,8 @@ class Processor:
     self.tokens_per_tile, self.tile_size = tokens_per_tile, tile_size
     self.min_tiles, self.max_tiles, self.use_thumbnail = min_tiles, max_tiles, use_thumbnail
     self.min_num_frames, self.max_num_frames = min_num_frames, max_num_frames
+    reserved = (IMG_CONTEXT, IMG_START, IMG_END, *self.template.control_tokens, tokenizer.pad_token)
+    self._reserved = re.compile("|".join(re.escape(t) for t in dict.fromkeys(reserved)))
 
   @classmethod
   def from_pretrained(cls, path: str, **overrides) -> "Processor":
@@ -84,9 +88,10 @@ class Processor:
       texts = ([p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
                if isinstance(content, list) else [content] if isinstance(content, str) else [])
       for t in texts:
-        if marker := _MARKERS.search(t):
-          raise ValueError(f"message {i}: the text holds {marker.group()!r}, which only the processor may write "
-                           "(it would break the image-token count); use <image>/<video> placeholders")
+        if marker := self._reserved.search(t):
+          raise ValueError(f"message {i}: the text holds {marker.group()!r}, a special token that only the processor "
+                           "may write (it would forge a turn or break the image-token count); use <image>/<video> "
+                           "placeholders for images")
       if isinstance(content, list):
         text = ""
         for part in content:
@@ -162,7 +167,7 @@ class Processor:
     rng = rng or np.random.default_rng()
     if sample not in ("rand", "middle"):
       raise ValueError(f"unknown frame sampling {sample!r} (expected 'rand' or 'middle')")
-    if system is not None and (marker := _MARKERS.search(system)):
+    if system is not None and (marker := self._reserved.search(system)):
       raise ValueError(f"system= holds {marker.group()!r}, which only the processor may write")
     messages, items = self._place(*self._normalise(messages), images, videos, train)
     if thinking:

@@ -272,8 +272,9 @@ def test_original_layout_config_without_image_token_key(ckpt_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------- markers, system
 
-@pytest.mark.parametrize("marker", ["<IMG_CONTEXT>", "<img>", "</img>"])
-def test_image_markers_in_text_are_rejected(processor, marker):
+@pytest.mark.parametrize("marker", ["<IMG_CONTEXT>", "<img>", "</img>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+def test_special_tokens_in_text_are_rejected(processor, marker):
+  """Image markers and the chat template's control tokens: text holding them could forge a turn."""
   img = Image.new("RGB", (448, 448))
   with pytest.raises(ValueError, match=f"message 1: the text holds '{marker}'"):
     processor([{"role": "system", "content": "s"}, {"role": "user", "content": f"<image>\nlook {marker} here"}],
