@@ -145,6 +145,20 @@ def test_answer_equals_chat_and_stream_equals_answer(served):
   assert events[-1]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
 
 
+def test_stream_with_stop_strings_equals_the_plain_answer(served):
+  """A stop string that spans tokens: the stream must not send its first characters before it knows."""
+  url = served[0]
+  full = post(url, body("Tell me a story.", max_tokens=12)).json()["choices"][0]["message"]["content"]
+  assert len(full) > 8, full
+  for k in range(2, min(len(full) - 3, 12)):
+    stop = full[k:k + 3]
+    plain = post(url, body("Tell me a story.", max_tokens=12, stop=[stop])).json()["choices"][0]["message"]["content"]
+    assert plain == full[:full.index(stop)]
+    chunks = sse(url, body("Tell me a story.", max_tokens=12, stop=[stop], stream=True))
+    streamed = "".join(json.loads(c)["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert streamed == plain, (stop, streamed, plain)
+
+
 def test_openai_client(served):
   """As users call it: the official client, streamed with usage, and a model name that is not served."""
   import openai
