@@ -57,7 +57,7 @@ def main(argv):
                     max_image_pixels=f.max_image_pixels, seed=f.seed)
     sock = bind(f.host, f.port)
     host, port = sock.getsockname()[:2]
-    print(f"serve.py: serving {name!r} on http://{host}:{port}", flush=True)
+    print(f"serve.py: serving {name!r} on http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
     # uvicorn re-raises the SIGTERM it drained on after its shutdown; exit 0 then, not "killed by signal"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.Server(uvicorn.Config(app_, timeout_graceful_shutdown=f.shutdown_timeout)).run(sockets=[sock])

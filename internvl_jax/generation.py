@@ -108,8 +108,8 @@ def sample(logits, key, seen, temperature, top_k, top_p, penalty):
 
 
 class Engine:
-  """The jitted prefill / first-token / decode / join programs of one model structure. Parameters are passed per call
-  (`state = nnx.state(model)`), so a model that is being trained generates with its current weights."""
+  """The jitted prefill / first-token / decode / join programs of one model structure. Parameters are passed
+  per call (`state = nnx.state(model)`), so a model that is being trained generates with its current weights."""
 
   def __init__(self, model: InternVL):
     self.cfg = model.cfg

@@ -254,7 +254,8 @@ BAD = [  # (payload: dict, or raw bytes), status, what the message must say
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content: must be a string or a list"),
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, 400,
      "messages[0].content[0]: expected a part of type 'text' or 'image_url'"),
-    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content[0].text: Field required"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "messages[0].content[0].text: Field required"),
     ({"messages": image_msg("http://x/y.png")}, 400, "messages[0].content[0]: only base64 data: URLs"),
     ({"messages": image_msg("/etc/passwd")}, 400, "only base64 data: URLs"),
     ({"messages": image_msg("data:image/png,abc")}, 400, "must be base64-encoded"),
@@ -538,11 +539,16 @@ def test_soak_1000_mixed_requests(served):
       "seeded": [body("A story?", temperature=1.0, seed=s, max_tokens=6) for s in (3, 4)],
       "top": [body("Pick one.", temperature=0.8, top_k=5, top_p=0.9, seed=11)],
       "stop": [body("Question 2? And? And?", stop=["e", "a"])],
-      "stream": [body("Stream it?", stream=True), body("Stream it?", stream=True, stream_options={"include_usage": True})],
+      "stream": [body("Stream it?", stream=True),
+                 body("Stream it?", stream=True, stream_options={"include_usage": True})],
   }
-  bad = [p for p, _, _ in BAD if not (isinstance(p, bytes) and len(p) > 1000)][:20]
+  bad = [p for p, _, _ in BAD if not (isinstance(p, bytes) and len(p) > 1000)][::2]  # every kind of fault
   compiles = []
-  listener = lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+
+  def listener(name, secs, **kw):
+    if name == "/jax/core/compile/backend_compile_duration":
+      compiles.append(name)
+
   jax.monitoring.register_event_duration_secs_listener(listener)
 
   async def one(client, kind, payload):
