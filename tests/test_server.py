@@ -25,12 +25,13 @@ import internvl_jax as ij
 MAX_LEN = 320
 
 
-def start_server(app):
-  """uvicorn on a socket the OS bound for us (no port probed and released), in a thread."""
+def start_server(app, grace=10.0):
+  """uvicorn on a socket the OS bound for us (no port probed and released), in a thread; `grace`: seconds
+  running requests get at shutdown."""
   import uvicorn
   from internvl_jax.server import bind
   sock = bind("127.0.0.1", 0)
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   deadline = time.monotonic() + 60
@@ -452,6 +453,41 @@ def test_a_dead_loop_answers_503(ckpt_dir):
   finally:
     server.should_exit = True
     thread.join(timeout=30)
+
+
+def test_shutdown_cuts_what_outlives_the_grace_period(ckpt_dir):
+  """What SIGTERM starts (uvicorn's should_exit) with 1 s of grace: a stream that needs ~10 s more is cut,
+  its row is freed, the decode loop stops and the server thread ends."""
+  import httpx
+  from internvl_jax.checkpoint import load_config
+  from internvl_jax.server import make_app
+  processor = ij.Processor.from_pretrained(str(ckpt_dir))
+  app = make_app(ij.init_model(load_config(str(ckpt_dir))[0], seed=1), processor, model_name="tiny", max_batch=2,
+                 max_len=MAX_LEN)
+  batcher = app.state.batcher
+  url, server, thread = start_server(app, grace=1.0)
+  lines, started = [], threading.Event()
+
+  def client():
+    with contextlib.suppress(httpx.HTTPError):
+      with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                        json=body("Tell me everything.", stream=True, max_tokens=MAX_LEN - 100)) as s:
+        for line in s.iter_lines():
+          lines.append(line)
+          if '"content"' in line and '"content": ""' not in line:
+            started.set()
+
+  with slow_decode(batcher, 0.05):
+    reader = threading.Thread(target=client)
+    reader.start()
+    assert started.wait(60), lines
+    server.should_exit = True
+    thread.join(timeout=30)
+    reader.join(timeout=30)
+  assert not thread.is_alive() and not batcher.thread.is_alive() and not reader.is_alive()
+  assert "data: [DONE]" not in lines
+  end = record(batcher, json.loads(lines[0][6:])["id"], timeout=1)
+  assert end.reason in ("cancelled", "error") and len(end.tokens) < MAX_LEN - 150, end
 
 
 @pytest.fixture(scope="module")
