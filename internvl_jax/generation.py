@@ -194,10 +194,15 @@ class Engine:
     span = min(cache["valid"].shape[1], bucket(longest + 1, 64))
     return self._decode(state, tokens, cache, seen, active, key, settings, span=span)
 
-  def first_token(self, logits, seen, key, settings):
-    """The token after a prefill, drawn as the decode step draws: (tokens [b], seen, log-probs [b]).
-    Jitted like the other programs: eager sampling would compile its lax.conds anew on every call."""
-    return self._first(logits, seen, key, settings)
+  def first_token(self, logits, rows: list[np.ndarray], key, settings):
+    """The token after a prefill of `rows` (the prompts' ids, as given to `prefill`), drawn as the decode
+    step draws -> (tokens [b], seen [b, V]: each row's prompt and new token, for the repetition penalty,
+    log-probs [b]). Jitted like the other programs: eager sampling would compile its lax.conds anew on
+    every call."""
+    seen = np.zeros((logits.shape[0], self.cfg.text.vocab_size), bool)
+    for i, r in enumerate(rows):
+      seen[i, r] = True
+    return self._first(logits, jnp.asarray(seen), key, settings)
 
   def join(self, cache, tokens, seen, one, row: int, first, first_seen):
     """Continuous batching: put a prefilled request (`one` from `prefill`, its first token and seen table
@@ -246,13 +251,9 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   cache_len = bucket(length_bucket(max(len(r) for r in rows)) + max_new_tokens, 16)
   logits, cache, b = engine.prefill(state, rows, None if pixel_values is None else np.asarray(pixel_values), cache_len)
   settings = settings_arrays([Sampling(temperature, top_k, top_p, repetition_penalty)] * len(rows), b)
-  seen = np.zeros((b, model.cfg.text.vocab_size), bool)
-  for i, r in enumerate(rows):
-    seen[i, r] = True
-  seen = jnp.asarray(seen)
   key = jax.random.key(seed)
   key, sub = jax.random.split(key)
-  tokens, seen, logp = engine.first_token(logits, seen, sub, settings)
+  tokens, seen, logp = engine.first_token(logits, rows, sub, settings)
   active = np.arange(b) < len(rows)
   eos = np.asarray(list(eos_token_ids or ()), np.int32)
   out = np.full((len(rows), max_new_tokens), pad_token_id, np.int64)

@@ -164,12 +164,9 @@ class Batcher:
         continue
       try:
         logits, one, rows = self.engine.prefill(self.state, [req.ids], req.pixels, self.max_len)
-        seen = np.zeros((rows, self.cfg.text.vocab_size), bool)
-        seen[0, req.ids] = True
         words = np.asarray([_seed_words(req.seed)] * rows, np.uint32)
-        first, first_seen, _ = self.engine.first_token(
-            logits, jnp.asarray(seen), self._keys(words, np.zeros(rows, np.int32)),
-            settings_arrays([req.sampling], rows))
+        first, first_seen, _ = self.engine.first_token(logits, [req.ids], self._keys(words, np.zeros(rows, np.int32)),
+                                                       settings_arrays([req.sampling], rows))
       except Exception as e:  # noqa: BLE001 - this request fails, the batch is untouched
         log.exception("prefill of %s failed", req.id)
         self._fail(req, 500, f"prefill failed: {type(e).__name__}: {e}")
