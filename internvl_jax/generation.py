@@ -87,12 +87,15 @@ def sample(logits, key, seen, temperature, top_k, top_p, penalty):
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
     kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)[:, None], axis=-1)
     scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
-    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p (at least one token)
+    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p, and at least the top
+    # token (top_p 0 included, as transformers' min_tokens_to_keep=1). Tokens tied with the last one kept stay
+    # too, as at the top-k cutoff, so the result does not depend on token ids (transformers keeps only the tied
+    # tokens its sort order reaches)
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(ordered, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs
     cutoff = jnp.min(jnp.where(before < top_p[:, None], ordered, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(scaled < cutoff, -jnp.inf, scaled)
+    return jnp.where(scaled < jnp.minimum(cutoff, ordered[:, :1]), -jnp.inf, scaled)
 
   def sampled(x):
     scaled = x / jnp.maximum(temperature, 1e-6)[:, None]

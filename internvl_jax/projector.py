@@ -2,7 +2,6 @@
 GELU -> Linear, mapping pixel-shuffled ViT features to the LLM width; and `extract_feature`."""
 from __future__ import annotations
 
-import jax.numpy as jnp
 from flax import nnx
 
 from internvl_jax.layers import LayerNorm, dense, gelu, param

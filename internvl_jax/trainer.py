@@ -11,7 +11,6 @@ Workdir layout:
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -99,7 +98,7 @@ class _IteratorState:
     return self.state
 
   def set_state(self, state: bytes) -> None:
-    if self.iterator is not None:  # the RL stages keep no iterator: their data order is a function of the step
+    if self.iterator is not None:  # GSPO keeps none (its data is a function of the step); MPO a pair cursor
       self.iterator.set_state(json.loads(state.decode()))
 
   def start_prefetch(self) -> None:

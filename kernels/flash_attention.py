@@ -139,12 +139,8 @@ def reference_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_i
   b, t, n, d = q.shape
   s, kv = k.shape[1], k.shape[2]
   scale = 1.0 / math.sqrt(d) if scale is None else scale
-  static = Static(causal, sliding_window, scale, t, s, "reference", False, BlockSizes(), segment_ids is not None,
-                  sinks is not None)
   q_seg, k_seg = _segments(segment_ids, kv_segment_ids, b, t, s)
-  mask = block_mask(static, jnp.arange(t)[:, None], jnp.arange(s)[None, :],
-                    None if q_seg is None else q_seg[:, :, None], None if k_seg is None else k_seg[:, None, :])
-  mask = jnp.broadcast_to(mask, (b, t, s))[:, None, None]  # [b, 1, 1, t, s]
+  mask = dense_mask(t, s, causal=causal, window=_window(sliding_window), q_seg=q_seg, k_seg=k_seg)[:, None, None]
   qg = q.reshape(b, t, kv, n // kv, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask, logits, NEG)
@@ -159,6 +155,22 @@ def reference_attention(q, k, v, *, causal: bool, segment_ids=None, kv_segment_i
   p = jnp.where(denom > 0, p / jnp.where(denom > 0, denom, 1.0), 0.0)
   out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, d).astype(q.dtype)
+
+
+def dense_mask(t: int, s: int, *, causal: bool, window: int | None, q_seg=None, k_seg=None):
+  """[b or 1, t, s] boolean mask written from positions, apart from the kernels' `block_mask`, so that the
+  tests comparing the kernels with the reference also check the mask semantics (module docstring)."""
+  q_pos = jnp.arange(s - t, s)[:, None]  # queries are the last t positions of the keys
+  back = q_pos - jnp.arange(s)[None, :]  # how far behind the query each key sits (< 0: ahead of it)
+  keep = jnp.ones((t, s), bool)
+  if causal:
+    keep = back >= 0
+  if window is not None:
+    keep = keep & (back < window) & (causal | (-back < window))
+  keep = keep[None]
+  if q_seg is not None:
+    keep = keep & (q_seg[:, :, None] == k_seg[:, None, :])
+  return keep
 
 
 def _segments(segment_ids, kv_segment_ids, b, t, s):

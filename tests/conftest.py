@@ -4,6 +4,10 @@ The reference models are built once per session with random weights (every tenso
 layer scales included, so a mis-mapped key cannot hide) and saved as safetensors in a temp folder.
 """
 import os
+import socket
+import subprocess
+import tempfile
+import time
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -116,3 +120,55 @@ def ckpt_dir(tmp_path_factory):
   return folder
 
 
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+  """A small digits demo build (120 sum pairs for training, 16 held out; every scan): shared, read-only."""
+  from internvl_jax import digits
+  out = tmp_path_factory.mktemp("digits")
+  digits.build(str(out), train_pairs=120, eval_pairs=16)
+  return str(out)
+
+
+PORT_TAKEN = "Failed to add port to server"  # what a jax.distributed coordinator prints when its bind fails
+
+
+def run_coordinated(jobs, timeout: float, attempts: int = 3):
+  """Processes that meet at a jax.distributed coordinator: `jobs(port) -> [(argv, env), ...]`, process 0 the
+  coordinator. -> [(returncode, stdout, stderr)]. A probed port can be taken before the coordinator binds it,
+  so a launch whose bind failed is retried on a fresh port; once any process fails, the others (which would
+  wait for it until their own timeout) are killed."""
+  for _ in range(attempts):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+      procs, files = [], []
+      for i, (argv, env) in enumerate(jobs(port)):
+        files.append((open(os.path.join(tmp, f"{i}.out"), "w+"), open(os.path.join(tmp, f"{i}.err"), "w+")))
+        procs.append(subprocess.Popen(argv, env=env, stdout=files[-1][0], stderr=files[-1][1], text=True))
+      deadline = time.monotonic() + timeout
+      try:
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+          assert time.monotonic() < deadline, f"processes still running after {timeout} s"
+          time.sleep(0.1)
+      finally:
+        for p in procs:
+          if p.poll() is None:
+            p.kill()
+          p.wait()
+      results = []
+      for p, (out, err) in zip(procs, files):
+        out.seek(0), err.seek(0)
+        results.append((p.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    if not any(PORT_TAKEN in err for _, _, err in results):
+      return results
+  raise AssertionError(f"the coordinator's port was taken by another program {attempts} times in a row")
+
+
+@pytest.fixture(scope="session")
+def coordinated():
+  """`run_coordinated` (see there), as a fixture for the multi-process tests."""
+  return run_coordinated

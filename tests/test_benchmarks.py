@@ -1,4 +1,5 @@
-"""The benchmarks run on the CPU (kernels: XLA paths, small shapes; inference: a tiny preset) and print their tables."""
+"""The benchmarks run on the CPU (kernels: XLA paths, small shapes; inference: a tiny preset; the planner: one
+model) and print their tables."""
 import subprocess
 import sys
 
@@ -17,3 +18,9 @@ def test_inference_benchmark_runs():
   for dtype in ("float32", "bfloat16"):
     assert f"\n{dtype}:" in out
   assert out.count("time ratio") == 2 and out.count("speed ratio") == 4
+
+
+def test_plan_benchmark_runs():
+  out = subprocess.run([sys.executable, "benchmarks/plan.py", "--models", "InternVL3.5-1B", "--mesh", "fsdp:8"],
+                       check=True, capture_output=True, text=True).stdout
+  assert "InternVL3.5-1B" in out and "fits (" in out and "first call" in out

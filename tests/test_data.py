@@ -305,7 +305,7 @@ def png(rng, w, h):
 
 
 def test_tfds_source(tmp_path, processor):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds  # a pinned test dependency: failing to import is a failure
   rng = np.random.default_rng(1)
   examples = [(png(rng, 56, 28), turn("<image>\nWhat is this?", f"Thing {i}.")) for i in range(3)]
   examples += [(b"", turn("Hi", "Hello.")), (b"garbage", turn("<image>\nx", "y"))]

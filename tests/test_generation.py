@@ -1,5 +1,6 @@
 """Generation: greedy tokens identical to transformers' generate (dense and MoE, with images, batch 1
-and 3 with different prompt lengths), sampling controls, stopping, and chat."""
+and 3 with different prompt lengths), sampling controls, the sampled distributions (temperature, and top-k /
+top-p against transformers' logits warpers, by χ² tests), stopping, and chat."""
 import numpy as np
 import pytest
 import torch
@@ -93,22 +94,6 @@ def test_sampling_controls(dense):
   assert not np.array_equal(a, run(temperature=1.5, seed=6)) and not np.array_equal(a, greedy)
 
 
-def test_top_k_and_top_p_restrict_the_support():
-  from internvl_jax.generation import sample
-  import jax
-  import jax.numpy as jnp
-  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
-  seen = jnp.zeros((2000, 4), bool)
-  ones = jnp.ones((2000,))
-  keys = jax.random.key(0)
-  k2 = sample(logits, keys, seen, ones, jnp.full((2000,), 2, jnp.int32), ones, ones)
-  assert set(np.asarray(k2).tolist()) == {0, 1}
-  p = sample(logits, keys, seen, ones, jnp.zeros((2000,), jnp.int32), jnp.full((2000,), 0.7), ones)
-  assert set(np.asarray(p).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8: the first two tokens carry the mass
-  counts = np.bincount(np.asarray(k2), minlength=4) / 2000
-  assert abs(counts[0] - 0.5 / 0.8) < 0.05
-
-
 def test_eos_stops_a_row_and_pads_it(dense):
   ids, mask, pixels = prompts(3, seed=2)
   free = ij.generate(dense, ids, pixels, attention_mask=mask, max_new_tokens=12, eos_token_ids=())
@@ -175,3 +160,102 @@ def test_bfloat16_decode_follows_the_full_forward(hf_checkpoint):
       top2 = np.sort(full, axis=-1)[:, -2:]
       clear = top2[:, 1] - top2[:, 0] > 0.1  # greedy picks the full forward's argmax wherever it is clear
       np.testing.assert_array_equal(new[i][clear], full.argmax(-1)[clear])
+
+
+# ------------------------------------------------------------------------------- sampling distributions
+
+DRAWS = 40_000
+# Each χ² statistic is compared with its quantile at this false-failure probability under the null (a correct
+# sampler); the seeds are fixed, so a run is deterministic, and any seed fails with at most this chance per check
+FALSE_FAIL = 1e-6
+
+
+def draw_counts(logits, temperature, top_k, top_p, per_row_keys=False, seed=0):
+  """DRAWS tokens from each row of logits [R, V] under that row's settings, in one jitted `sample` call
+  -> counts [R, V]."""
+  import jax
+  import jax.numpy as jnp
+  from internvl_jax.generation import sample
+  logits = np.asarray(logits, np.float32)
+  r, v = logits.shape
+  rep = lambda a, dt: jnp.asarray(np.repeat(np.broadcast_to(np.asarray(a, dt), (r,)), DRAWS))
+  key = jax.random.key(seed)
+  if per_row_keys:
+    key = jax.random.split(key, r * DRAWS)
+  tokens = jax.jit(sample)(jnp.asarray(np.repeat(logits, DRAWS, axis=0)), key, jnp.zeros((r * DRAWS, v), bool),
+                           rep(temperature, np.float32), rep(top_k, np.int32), rep(top_p, np.float32),
+                           jnp.ones((r * DRAWS,), jnp.float32))
+  return np.stack([np.bincount(row, minlength=v) for row in np.asarray(tokens).reshape(r, DRAWS)])
+
+
+def assert_follows(counts, probs, what):
+  """The drawn tokens are exactly the support of probs, and Pearson's χ² over it is below its 1 - FALSE_FAIL
+  quantile."""
+  from scipy.stats import chi2
+  keep = probs > 0
+  assert probs[keep].min() * DRAWS > 40, f"{what}: a kept token too rare to be sure to appear"  # P(miss) < e^-40
+  np.testing.assert_array_equal(np.flatnonzero(counts), np.flatnonzero(keep), err_msg=f"{what}: support")
+  if keep.sum() > 1:
+    expected = DRAWS * probs[keep]
+    stat = float(np.sum((counts[keep] - expected) ** 2 / expected))
+    limit = chi2.isf(FALSE_FAIL, keep.sum() - 1)
+    assert stat < limit, f"{what}: chi2 {stat:.1f} >= {limit:.1f}, counts {counts} vs probs {np.round(probs, 4)}"
+
+
+LOGITS = np.array([-0.3, 1.2, -1.6, 0.4, 0.9, -1.1, 0.0, -0.8], np.float32)  # no two equal, not in index order
+
+
+@pytest.mark.parametrize("per_row_keys", [False, True])
+def test_temperature_sampling_follows_the_tempered_softmax(per_row_keys):
+  """No filter (the path that skips the sorts): draws follow softmax(logits / T), with one key for the batch
+  or one per row."""
+  logits = np.stack([LOGITS, LOGITS])
+  counts = draw_counts(logits, [0.7, 1.6], 0, 1.0, per_row_keys=per_row_keys)
+  for row, t in zip(counts, (0.7, 1.6)):
+    z = np.exp((LOGITS - LOGITS.max()) / t)
+    assert_follows(row, z / z.sum(), f"temperature {t}")
+
+
+def reference_probs(logits, temperature, top_k, top_p):
+  """The distribution transformers' generate samples from: the warpers it adds, in its order (temperature,
+  top-k, top-p; each only when it is not a no-op), then softmax; and the one documented difference: where
+  tokens tie at the top-p cutoff, transformers keeps those its sort puts last and drops the rest, we keep
+  all of them (as both do at the top-k cutoff), so the result does not depend on token ids."""
+  from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+  scores = torch.tensor(logits, dtype=torch.float32)[None]
+  tempered = TemperatureLogitsWarper(temperature)(None, scores) if temperature != 1.0 else scores
+  scores = TopKLogitsWarper(top_k)(None, tempered) if top_k else tempered
+  scores = TopPLogitsWarper(top_p)(None, scores) if top_p < 1.0 else scores
+  cut = scores[torch.isfinite(scores)].min()
+  scores = torch.where(tempered >= cut, tempered, -torch.inf)
+  return scores.softmax(-1)[0].numpy().astype(np.float64)
+
+
+DYADIC = np.log(np.array([0.25, 0.0078125, 0.03125, 0.5, 0.0625, 0.125, 0.015625, 0.0078125], np.float32))
+TIED = np.array([0.5, 1.0, 0.2, 1.0, 1.6, -1.0, 1.0, 0.0], np.float32)
+WARPER_CASES = {  # name: (logits, temperature, top_k, top_p)
+    "top-p 1 in a batch that filters": (LOGITS, 0.7, 0, 1.0),
+    "top-k": (LOGITS, 0.7, 3, 1.0),
+    "top-k 1": (LOGITS, 1.3, 1, 1.0),
+    "top-k beyond the vocabulary": (LOGITS, 1.0, 20, 1.0),
+    "top-k with ties at the cutoff": (TIED, 1.0, 3, 1.0),
+    # T=1.5 keeps 5 tokens, T=1 would keep 4: top-p acts on the tempered distribution
+    "top-p after temperature": (LOGITS, 1.5, 0, 0.8),
+    "top-k then top-p": (LOGITS, 0.8, 5, 0.7),
+    "tiny top-p keeps the top token": (LOGITS, 1.0, 0, 1e-4),
+    "top-p 0 keeps the top token (min_tokens_to_keep=1)": (LOGITS, 1.0, 0, 0.0),
+    # exact float32 probabilities 1/2, 1/4, 1/8, ...: 0.5 + 0.25 reaches top_p exactly, so the third token goes
+    "top-p reached exactly": (DYADIC, 1.0, 0, 0.75),
+    # 1.6 (0.29) and two of the three 1.0s (0.16 each) reach 0.5: transformers keeps two of them, we keep all
+    # three (see reference_probs)
+    "top-p with ties at the cutoff": (TIED, 1.0, 0, 0.5),
+}
+
+
+def test_top_k_and_top_p_match_transformers_warpers():
+  """Every case in one batch (one compiled program; every row takes the filtering path)."""
+  cases = list(WARPER_CASES.items())
+  logits, temperature, top_k, top_p = (np.array(c) for c in zip(*(v for _, v in cases)))
+  counts = draw_counts(logits, temperature, top_k, top_p, seed=1)
+  for row, (name, case) in zip(counts, cases):
+    assert_follows(row, reference_probs(*case), name)

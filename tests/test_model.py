@@ -12,7 +12,7 @@ from flax import nnx
 
 import internvl_jax as ij
 from internvl_jax import sharding, zoo
-from conftest import IMAGE_TOKEN, make_batch
+from conftest import make_batch
 
 
 @pytest.fixture(scope="module")

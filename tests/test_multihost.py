@@ -3,30 +3,14 @@ process): each process reads only its own shard of the data, the job checkpoints
 continues; its losses equal a 1-process run (4 devices) over the same global batches."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from internvl_jax.metrics import read_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-  from internvl_jax import digits
-  out = tmp_path_factory.mktemp("digits")
-  digits.build(str(out), train_pairs=60, eval_pairs=8)
-  return str(out)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def command(workdir, data, steps):
@@ -41,21 +25,19 @@ def command(workdir, data, steps):
           "--config.optim.warmup=0", "--config.optim.final_lr_fraction=1.0", "--config.optim.lr=1e-3"]
 
 
-def run_job(workdir, data, steps, processes):
+def run_job(coordinated, workdir, data, steps, processes):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // processes}"}
   if processes == 1:
     done = subprocess.run(command(workdir, data, steps), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [done.stdout]
-  port = free_port()
-  procs = [subprocess.Popen(command(workdir, data, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                 "JAX_PROCESS_ID": str(i)}) for i in range(processes)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return [out for out, _ in outs]
+  results = coordinated(lambda port: [(command(workdir, data, steps), {
+      **env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(processes),
+      "JAX_PROCESS_ID": str(i)}) for i in range(processes)], timeout=600)
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  return [out for _, out, _ in results]
 
 
 def losses(workdir):
@@ -63,10 +45,10 @@ def losses(workdir):
   return [out[s] for s in sorted(out)]
 
 
-def test_two_processes_checkpoint_restore_and_match_one(digits_dir, tmp_path):
+def test_two_processes_checkpoint_restore_and_match_one(coordinated, digits_dir, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  run_job(one, digits_dir, 6, processes=1)
-  first = run_job(two, digits_dir, 3, processes=2)  # stops after its checkpoint at step 3
+  run_job(coordinated, one, digits_dir, 6, processes=1)
+  first = run_job(coordinated, two, digits_dir, 3, processes=2)  # stops after its checkpoint at step 3
   assert all("step 3/3" in out for out in first[:1])
   # Every process wrote its own data-iterator state, and only its own rows were read.
   data_dir = os.path.join(two, "checkpoints", "3", "data")
@@ -74,7 +56,7 @@ def test_two_processes_checkpoint_restore_and_match_one(digits_dir, tmp_path):
   assert files == ["process_0-of-2.json", "process_1-of-2.json"]
   states = [json.load(open(os.path.join(data_dir, f))) for f in files]
   assert [s["process_index"] for s in states] == [0, 1] and all(s["next"] == 6 for s in states)
-  second = run_job(two, digits_dir, 6, processes=2)  # the same command with more steps: restores and goes on
+  second = run_job(coordinated, two, digits_dir, 6, processes=2)  # the same command with more steps: restores and goes on
   assert all("resumed from" in out for out in second)
   np.testing.assert_allclose(losses(two), losses(one), rtol=2e-5)
   assert len(losses(one)) == 6

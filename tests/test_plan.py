@@ -2,7 +2,6 @@
 activation sets equal what autodiff saves, and the CLI's verdicts, JSON and errors. Abstract only: fast."""
 import json
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +74,7 @@ def test_accumulation_doubles_gradients():
 
 
 def _residual_bytes(f, *args):
-  saved_residuals = pytest.importorskip("jax._src.ad_checkpoint").saved_residuals
+  from jax._src.ad_checkpoint import saved_residuals  # private, but pinned with jax: an ImportError fails
   return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, why in saved_residuals(f, *args)
              if "from the argument" not in why and "from a constant" not in why)  # only what the layer computes
 
@@ -141,11 +140,37 @@ def test_remat_and_loss_chunk_order_the_activations():
   assert plan.plan(attention="xla", **kw)["bytes"]["activations"] > whole["bytes"]["activations"]
 
 
-def test_241b_on_a_pod_slice_is_abstract_and_fast():
-  plan.parameters.cache_clear()
-  start = time.perf_counter()
+# WORKSPACE.md's verdict table (official recipe: 512 rows x 32768 tokens, 96 tiles per row, bf16 compute over f32
+# master weights, AdamW, remat full): model, mesh, GiB of device memory, loss_chunk -> activations and total in
+# GiB per device as printed there (to 0.1 GiB), and whether it fits.
+VERDICTS = [
+    ("InternVL3.5-8B", "fsdp:8", 80, 2048, 39.1, 58.9, True),
+    ("InternVL3.5-8B", "fsdp:8", 80, 0, 79.4, 99.3, False),
+    ("InternVL3.5-38B", "fsdp:64", 95, 2048, 70.8, 82.0, True),
+    ("InternVL3.5-241B-A28B", "fsdp:128,tensor:2,expert:2", 95, 2048, 74.6, 84.0, True),
+    ("InternVL3.5-241B-A28B", "fsdp:64,expert:8", 95, 2048, 130.2, 140.0, False),
+]
+
+
+@pytest.mark.parametrize("model,mesh,gib,loss_chunk,activations,total,fits", VERDICTS)
+def test_the_documented_verdicts(model, mesh, gib, loss_chunk, activations, total, fits):
+  p = plan.plan(model, plan.parse_mesh(mesh), batch=512, seq=32768, device_memory=gib * GiB, loss_chunk=loss_chunk)
+  assert p["bytes"]["activations"] / GiB == pytest.approx(activations, abs=0.06)
+  assert p["bytes"]["total"] / GiB == pytest.approx(total, abs=0.06)
+  assert p["fits"] == fits and p["verdict"].startswith("fits (" if fits else "does not fit")
+  if loss_chunk == 0:  # the whole [32768, vocab] logits: bfloat16 + float32 exp + float32 gradient = 46.4 GiB
+    t = zoo.get(model).text
+    per_position = t.vocab_size * 10
+    assert 32768 * per_position / GiB == pytest.approx(46.4, abs=0.05)
+    chunked = plan.plan(model, plan.parse_mesh(mesh), batch=512, seq=32768, device_memory=gib * GiB, loss_chunk=2048)
+    # whole logits replace one 2048-position chunk's logits and its chunk-major copy of the hidden states
+    extra = p["activations"]["head"] - chunked["activations"]["head"]
+    assert extra == (32768 - 2048) * per_position - 32768 * t.hidden_size * 2
+
+
+def test_241b_on_a_pod_slice():
+  """The 241B is planned abstractly (eval_shape, shape arithmetic); its parameter bytes follow the mesh."""
   p = plan.plan("InternVL3.5-241B-A28B", plan.parse_mesh("fsdp:64,expert:8"), **BIG)
-  assert time.perf_counter() - start < 10  # ~1 s here: eval_shape and shape arithmetic only
   t = zoo.get("InternVL3.5-241B-A28B").text
   experts = t.num_layers * 3 * t.num_experts * t.hidden_size * t.moe_intermediate_size
   # experts shard 512 ways (expert x fsdp), the rest 64 ways (fsdp); a few small vectors are replicated
@@ -167,9 +192,6 @@ def test_moe_paths_follow_dispatch():
   experts = 3 * t.num_experts * t.hidden_size * t.moe_intermediate_size * 2  # one layer, bfloat16
   assert whole["activations"]["decoder_layer_work"] > 2 * experts
   ep8 = plan.plan("InternVL3.5-241B-A28B", plan.parse_mesh("fsdp:64,expert:8"), **kw)
-  if not hasattr(plan.dispatch, "moe_expert_parallel"):
-    assert ep8["moe_path"] == "pallas"
-    return
   assert ep8["moe_path"] == "expert-parallel"
   routed = 8 * 32768 * t.num_experts_per_tok * (2 * t.hidden_size + 6 * t.moe_intermediate_size) * 2
   assert routed < ep8["activations"]["decoder_layer_work"] < routed + 10 * GiB

@@ -3,31 +3,23 @@ metrics and gradients (jax.grad vs torch autograd through TRL).
 
 No TRL trainer is built: its loss methods are called unbound with a SimpleNamespace standing in for `self`
 (the attributes those methods read) and a stand-in model that returns the given per-token log-probs. TRL >= 1.0
-(`DPOTrainer._compute_loss`) has sigmoid / bco_pair / sft but no bco_pair reward shift δ; TRL 0.21 (the version
-InternVL3.5 pins: `DPOTrainer.dpo_loss` + `RunningMoments`) has δ — that comparison runs when such a TRL is
-installed, and the δ rule is also checked on its own. Everything here takes seconds (tiny arrays, CPU).
+(`DPOTrainer._compute_loss`, the pinned test dependency) has sigmoid / bco_pair / sft but no bco_pair reward
+shift δ; MPO as it runs (with δ) is compared with a torch transcription of TRL 0.21 (the version InternVL3.5
+pins, which the trl>=1.0 pin excludes). Everything here takes seconds (tiny arrays, CPU).
 """
 import collections
 import inspect
 from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from internvl_jax import rl
 
-trl = pytest.importorskip("trl")
-try:
-  from trl import DPOTrainer, GRPOTrainer
-except Exception as e:  # noqa: BLE001 — e.g. an old TRL that does not import under transformers 5
-  pytest.skip(f"TRL {trl.__version__} trainers do not import: {e!r}", allow_module_level=True)
-
 RTOL = 1e-5
-LEGACY_DPO = hasattr(DPOTrainer, "dpo_loss")  # TRL < 1.0
-GRPO_SRC = inspect.getsource(GRPOTrainer._compute_loss)
 MAX_ERR = {}  # name -> max relative error seen (printed with -s)
 
 
@@ -52,6 +44,14 @@ class Acc:
   reduce = staticmethod(lambda x, reduction="sum": x)
 
 
+@pytest.fixture(scope="module")
+def trl_trainers():
+  """TRL's trainers, imported only by the tests that run TRL's code. TRL is pinned in requirements-test.txt,
+  so an import failure here is an error, never a skip."""
+  from trl import DPOTrainer, GRPOTrainer
+  return SimpleNamespace(dpo=DPOTrainer, grpo=GRPOTrainer, grpo_src=inspect.getsource(GRPOTrainer._compute_loss))
+
+
 def metrics_store():
   return collections.defaultdict(lambda: collections.defaultdict(list))
 
@@ -71,7 +71,7 @@ def pair_batch(seed, b=4, t=9, shift=0.0):
 # ---------------------------------------------------------------------------------------------- MPO
 
 
-def trl_dpo(loss_types, weights, batch, beta):
+def trl_dpo(dpo_trainer, loss_types, weights, batch, beta):
   """TRL >= 1.0 `DPOTrainer._compute_loss` (precomputed reference log-probs) -> (loss, metrics, dloss/dc,
   dloss/dr). Its batch is [chosen; rejected] with one prompt token in front (the completion mask is shifted
   by one inside)."""
@@ -92,16 +92,15 @@ def trl_dpo(loss_types, weights, batch, beta):
   inputs = {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
             "completion_mask": completion_mask, "ref_chosen_logps": torch.tensor(ref_c),
             "ref_rejected_logps": torch.tensor(ref_r)}
-  loss = DPOTrainer._compute_loss(me, model, inputs, return_outputs=False)
+  loss = dpo_trainer._compute_loss(me, model, inputs, return_outputs=False)
   loss.backward()
   g = logps.grad.numpy()
   return loss.item(), {k: v[-1] for k, v in me._metrics["train"].items()}, g[:len(c)], g[len(c):]
 
 
-@pytest.mark.skipif(LEGACY_DPO, reason="TRL < 1.0: compared through dpo_loss in the legacy test")
 @pytest.mark.parametrize("loss_types, weights", [(["sigmoid"], [1.0]), (["bco_pair"], [1.0]), (["sft"], [1.0]),
                                                  (["sigmoid", "bco_pair", "sft"], list(rl.MPO_WEIGHTS))])
-def test_mpo_vs_trl(loss_types, weights):
+def test_mpo_vs_trl(trl_trainers, loss_types, weights):
   batch = pair_batch(0)
   c, r, mc, mr, ref_c, ref_r = batch
   w = dict(zip(loss_types, weights))
@@ -113,7 +112,7 @@ def test_mpo_vs_trl(loss_types, weights):
 
   (loss, (metrics, state)), (gc, gr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(c, r)
   assert state is None
-  ref_loss, ref_metrics, ref_gc, ref_gr = trl_dpo(loss_types, weights, batch, beta)
+  ref_loss, ref_metrics, ref_gc, ref_gr = trl_dpo(trl_trainers.dpo, loss_types, weights, batch, beta)
   tag = "+".join(loss_types)
   close(f"mpo[{tag}] loss", loss, ref_loss)
   close(f"mpo[{tag}] grad chosen", gc, ref_gc)
@@ -140,36 +139,122 @@ def test_bco_pair_running_delta():
   assert float(state.count) == pytest.approx(3.0)
 
 
-@pytest.mark.skipif(not LEGACY_DPO, reason=f"TRL {trl.__version__} DPOTrainer has no dpo_loss/RunningMoments "
-                    "(bco_pair lost its running reward shift in TRL 1.0); needs TRL < 1.0, e.g. 0.21")
-def test_mpo_vs_trl_legacy_dpo_loss():
-  """TRL 0.21 `DPOTrainer.dpo_loss`: sigmoid and bco_pair over two successive batches (same RunningMoments
-  object), values and gradients w.r.t. the sequence log-probs."""
-  from trl.trainer.utils import RunningMoments
-  acc = Acc()
-  me = SimpleNamespace(accelerator=acc, reference_free=False, f_divergence_type="reverse_kl",
-                       f_divergence_params=None, beta=0.1, label_smoothing=0.0, running=RunningMoments(acc))
-  state = rl.bco_init()
-  for step, shift in enumerate((0.0, 2.0)):
-    c, r, mc, mr, ref_c, ref_r = pair_batch(20 + step, shift=shift)
-    pc, pr = (c * mc).sum(1), (r * mr).sum(1)
-    for loss_type in ("sigmoid", "bco_pair"):
-      tc, tr = torch.tensor(pc, requires_grad=True), torch.tensor(pr, requires_grad=True)
-      losses, rew_c, rew_r = DPOTrainer.dpo_loss(me, tc, tr, torch.tensor(ref_c), torch.tensor(ref_r), loss_type)
-      losses.mean().backward()
-      if loss_type == "sigmoid":
-        f = lambda a, b: rl.dpo_sigmoid_loss(a, b, ref_c, ref_r, 0.1)
-        loss, (gc, gr) = jax.value_and_grad(f, argnums=(0, 1))(pc, pr)
-      else:
-        f = lambda a, b: rl.bco_pair_loss(a, b, ref_c, ref_r, state, 0.1)
-        (loss, new_state), (gc, gr) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(pc, pr)
-        state = new_state
-        close(f"legacy bco δ step {step}", state.mean, me.running.mean)
-      close(f"legacy {loss_type} loss step {step}", loss, losses.mean().item())
-      close(f"legacy {loss_type} grad chosen step {step}", gc, tc.grad.numpy())
-      close(f"legacy {loss_type} grad rejected step {step}", gr, tr.grad.numpy())
-      _, (m, _) = rl.mpo_loss(c, r, mc, mr, ref_c, ref_r, None)
-      close(f"legacy rewards/chosen step {step}", m["rewards/chosen"], rew_c.mean().item())
+# TRL 0.21 (InternVL3.5's pin) cannot be installed beside the pinned trl>=1.0, so MPO with the bco_pair shift δ is
+# compared with a transcription of its code, torch ops as written there, single process. Followed (TRL tag v0.21.0):
+#   trl/trainer/utils.py        L396-434   RunningMoments (count starts at 1e-24; `update` of one scalar)
+#   trl/trainer/dpo_trainer.py  L1038-1046 logits = (log π_c − log π_r) − (log ref_c − log ref_r)
+#                               L1060-1064 sigmoid (label_smoothing 0)
+#                               L1089-1099 bco_pair: δ = running mean after this batch's update (a float)
+#                               L1170-1179 sft: nll_loss on the chosen replies, expanded over the batch
+#                               L1188-1191 the returned rewards, β·log-ratio for every loss type
+#                               L1556-1571 sequence log-prob = sum of per-token log-probs on the loss mask
+#                               L1586-1594 nll_loss = cross-entropy (token mean) over the chosen labels
+#                               L1669-1690 weighted sum of the per-type losses and rewards; L1731 .mean()
+
+
+class RunningMoments021:
+  """trl/trainer/utils.py L396-434 without the accelerator (use_distributed False) and without `std`, which
+  nothing in the DPO loss reads."""
+
+  def __init__(self):
+    self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+  @torch.no_grad()
+  def update(self, xs):
+    xs_count = xs.numel()
+    xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+    xs_mean, xs_var = xs_mean.float(), xs_var.float()
+    delta = xs_mean - self.mean
+    tot_count = self.count + xs_count
+    new_sum = xs_var * xs_count
+    old_sum = self.var * self.count + delta**2 * self.count * xs_count / tot_count
+    tot_sum = old_sum + new_sum
+    self.mean += (delta * xs_count / tot_count).item()
+    self.var = (tot_sum / tot_count).item()
+    self.count = tot_count
+
+
+def dpo_loss_021(running, beta, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type,
+                 nll_loss=None):
+  """`DPOTrainer.dpo_loss` (reference_free False, f_divergence reverse_kl, label_smoothing 0) for the three MPO
+  loss types -> (losses [B], chosen_rewards [B], rejected_rewards [B])."""
+  chosen_logratios = chosen_logps - ref_chosen_logps
+  rejected_logratios = rejected_logps - ref_rejected_logps
+  logits = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+  if loss_type == "sigmoid":
+    losses = -F.logsigmoid(beta * logits)
+  elif loss_type == "bco_pair":
+    chosen_rewards = beta * chosen_logratios
+    rejected_rewards = beta * rejected_logratios
+    rewards = torch.cat((chosen_rewards, rejected_rewards), 0).mean().detach()
+    running.update(rewards)
+    delta = running.mean
+    losses = -F.logsigmoid((beta * chosen_logratios) - delta) - F.logsigmoid(-(beta * rejected_logratios - delta))
+  elif loss_type == "sft":
+    losses = nll_loss.expand(chosen_logps.shape[0])
+  else:
+    raise ValueError(loss_type)
+  chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+  rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+  return losses, chosen_rewards, rejected_rewards
+
+
+def mpo_021(running, loss_types, weights, batch, beta):
+  """`get_batch_loss_metrics` on per-token log-probs -> (loss, rewards metrics, dloss/dc, dloss/dr). The
+  per-token log-probs stand for `selective_log_softmax`'s output, so cross-entropy with ignore_index is the
+  masked token mean of their negation."""
+  c, r, mc, mr, ref_c, ref_r = batch
+  tc, tr = torch.tensor(c, requires_grad=True), torch.tensor(r, requires_grad=True)
+  mc_t, mr_t = torch.tensor(mc).bool(), torch.tensor(mr).bool()
+  chosen_logps = torch.where(mc_t, tc, 0.0).sum(-1)
+  rejected_logps = torch.where(mr_t, tr, 0.0).sum(-1)
+  nll_loss = -tc[mc_t].mean()
+  losses, chosen_rewards, rejected_rewards = 0, 0, 0
+  for loss_type, weight in zip(loss_types, weights):
+    _losses, _chosen, _rejected = dpo_loss_021(running, beta, chosen_logps, rejected_logps, torch.tensor(ref_c),
+                                               torch.tensor(ref_r), loss_type, nll_loss)
+    losses = losses + _losses * weight
+    chosen_rewards = chosen_rewards + _chosen * weight
+    rejected_rewards = rejected_rewards + _rejected * weight
+  loss = losses.mean()
+  loss.backward()
+  metrics = {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+             "rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
+  return loss.item(), metrics, tc.grad.numpy(), tr.grad.numpy()
+
+
+@pytest.mark.parametrize("loss_types, weights", [(["bco_pair"], [1.0]),
+                                                 (["sigmoid", "bco_pair", "sft"], list(rl.MPO_WEIGHTS))])
+def test_mpo_with_delta_vs_trl021_transcription(loss_types, weights):
+  """MPO as the MPO step runs it: four successive batches with one `BCOState` (one RunningMoments), their
+  reward means apart so that δ is nonzero and moves; loss, gradients w.r.t. the token log-probs, δ and the
+  reward metrics at every step. The gradient is where a δ that is not a constant would show."""
+  w = dict(zip(loss_types, weights))
+  wts = (w.get("sigmoid", 0.0), w.get("bco_pair", 0.0), w.get("sft", 0.0))
+  beta = 0.1
+  running, state, deltas = RunningMoments021(), rl.bco_init(), []
+  step = jax.jit(jax.value_and_grad(
+      lambda c, r, mc, mr, ref_c, ref_r, st: rl.mpo_loss(c, r, mc, mr, ref_c, ref_r, st, beta=beta, weights=wts),
+      argnums=(0, 1), has_aux=True))
+  for i, offset in enumerate((4.0, 12.0, -6.0, 9.0)):
+    c, r, mc, mr, ref_c, ref_r = pair_batch(30 + i)
+    batch = (c, r, mc, mr, ref_c - offset, ref_r - offset)  # every reward moves by β·offset
+    (loss, (metrics, state)), (gc, gr) = step(*batch, state)
+    ref_loss, ref_metrics, ref_gc, ref_gr = mpo_021(running, loss_types, weights, batch, beta)
+    tag = f"mpo δ[{'+'.join(loss_types)}] step {i}"
+    close(f"{tag} δ", state.mean, running.mean)
+    close(f"{tag} loss", loss, ref_loss)
+    close(f"{tag} grad chosen", gc, ref_gc)
+    close(f"{tag} grad rejected", gr, ref_gr)
+    close(f"{tag} bco/delta", metrics["bco/delta"], running.mean)
+    # TRL 0.21 sums the rewards with the loss weights (sft's included): ours are the plain β·log-ratios
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+      close(f"{tag} {k}", sum(weights) * metrics[k], ref_metrics[k])
+    close(f"{tag} rewards/accuracies", metrics["rewards/accuracies"], ref_metrics["rewards/accuracies"])
+    deltas.append(float(state.mean))
+  assert float(state.count) == pytest.approx(4.0)
+  assert min(abs(d) for d in deltas) > 0.1 and min(abs(np.diff(deltas))) > 0.1  # δ nonzero and moving
 
 
 def test_sequence_logps_and_sft_ignore_padding():
@@ -200,11 +285,11 @@ def rollout_batch(seed, p=2, g=4, t=10):
   return logps, old, ref, mask, adv
 
 
-def trl_grpo(level, loss_type, batch, kl_coef, eps_low, eps_high):
+def trl_grpo(trainers, level, loss_type, batch, kl_coef, eps_low, eps_high):
   """TRL `GRPOTrainer._compute_loss` on the given log-probs -> (loss, metrics, dloss/dlogps)."""
   logps, old, ref, mask, adv = batch
   leaf = torch.tensor(logps, requires_grad=True)
-  three = "aux_loss = self._get_per_token_logps_and_entropies" in GRPO_SRC  # TRL >= 1.0 also returns aux loss
+  three = "aux_loss = self._get_per_token_logps_and_entropies" in trainers.grpo_src  # TRL >= 1.0 also returns aux loss
 
   def per_token(model, input_ids, attention_mask, logits_to_keep, **kw):
     out = (leaf, torch.zeros_like(leaf))
@@ -223,7 +308,7 @@ def trl_grpo(level, loss_type, batch, kl_coef, eps_low, eps_high):
             "completion_ids": torch.zeros(b, t, dtype=torch.long), "completion_mask": torch.tensor(mask),
             "advantages": torch.tensor(adv), "old_per_token_logps": torch.tensor(old),
             "ref_per_token_logps": torch.tensor(ref), "num_items_in_batch": torch.tensor(mask.sum())}
-  loss = GRPOTrainer._compute_loss(me, None, inputs)
+  loss = trainers.grpo._compute_loss(me, None, inputs)
   loss.backward()
   return loss.item(), {k: v[-1] for k, v in me._metrics["train"].items()}, leaf.grad.numpy()
 
@@ -234,12 +319,11 @@ TRL_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-m
 @pytest.mark.parametrize("level", ["sequence", "token"])
 @pytest.mark.parametrize("trl_loss_type", list(TRL_AGG))
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
-def test_policy_loss_vs_trl(level, trl_loss_type, kl_coef):
+def test_policy_loss_vs_trl(trl_trainers, level, trl_loss_type, kl_coef):
   """GSPO = TRL importance_sampling_level="sequence"; GRPO = "token" (TRL's default level). loss_type grpo is
   the seq-mean-token-mean aggregation; bnpo and dapo (TRL 1.x's default: token sum / tokens in the batch) are
   token-mean."""
-  if f'"{trl_loss_type}"' not in GRPO_SRC:
-    pytest.skip(f"TRL {trl.__version__} has no loss_type {trl_loss_type}")
+  assert f'"{trl_loss_type}"' in trl_trainers.grpo_src, f"pinned TRL has no loss_type {trl_loss_type}"
   batch = rollout_batch(1)
   logps, old, ref, mask, adv = batch
   eps_low, eps_high = 0.2, 0.28  # asymmetric, so a swapped low/high would show
@@ -249,7 +333,7 @@ def test_policy_loss_vs_trl(level, trl_loss_type, kl_coef):
     return fn(x, old, adv, mask, eps_low, eps_high, kl_coef, ref if kl_coef else None, agg=TRL_AGG[trl_loss_type])
 
   (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(logps)
-  ref_loss, ref_metrics, ref_grad = trl_grpo(level, trl_loss_type, batch, kl_coef, eps_low, eps_high)
+  ref_loss, ref_metrics, ref_grad = trl_grpo(trl_trainers, level, trl_loss_type, batch, kl_coef, eps_low, eps_high)
   tag = f"{fn.__name__}[{trl_loss_type}, kl={kl_coef}]"
   close(f"{tag} loss", loss, ref_loss)
   close(f"{tag} grad", grad, ref_grad)

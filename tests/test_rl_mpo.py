@@ -105,11 +105,14 @@ def _gspo_setup(mesh_shape, policy_loss="gspo"):
   batch["old_logps"] = np.asarray(old)
   batch_sh = sft.batch_sharding(mesh, batch)
   step = gspo.make_gspo_step(graphdef, rest, tx, mesh, state_sh, batch_sh, policy_loss=policy_loss)
-  return state, step, jax.device_put(batch, batch_sh)
+  forward = jax.jit(lambda p, f, b: nnx.merge(graphdef, p, f, rest)(
+      b["input_ids"], b["pixel_values"], position_ids=b["position_ids"], segment_ids=b["segment_ids"]))
+  logits = lambda params, frozen: np.asarray(sft.under_mesh(forward, mesh)(params, frozen, batch), np.float64)
+  return state, step, jax.device_put(batch, batch_sh), batch, logits
 
 
 def _gspo_run(mesh_shape, steps, **kw):
-  state, step, batch = _gspo_setup(mesh_shape, **kw)
+  state, step, batch, _, _ = _gspo_setup(mesh_shape, **kw)
   history = []
   for _ in range(steps):
     state, metrics = step(state, batch)
@@ -117,15 +120,58 @@ def _gspo_run(mesh_shape, steps, **kw):
   return history, jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("policy_loss", ["gspo", "grpo"])
-def test_gspo_step_starts_at_ratio_one_and_follows_the_advantages(policy_loss):
-  history, _ = _gspo_run({"fsdp": 1}, steps=5, policy_loss=policy_loss)
+def _starts_at_ratio_one_and_follows_the_advantages(history):
   # on-policy: every ratio is 1, nothing is clipped, and the loss is -mean(A) = 0 for normalised groups
   np.testing.assert_allclose(history[0]["ratio_mean"], 1.0, rtol=1e-6)
   assert history[0]["clip_frac"] == 0
   np.testing.assert_allclose(history[0]["loss"], 0.0, atol=1e-6)
   # the policy moves towards the rewarded responses: the surrogate (-A · ratio) falls below 0
   assert history[-1]["loss"] < -1e-3
+
+
+def test_grpo_step_starts_at_ratio_one_and_follows_the_advantages():
+  _starts_at_ratio_one_and_follows_the_advantages(_gspo_run({"fsdp": 1}, steps=5, policy_loss="grpo")[0])
+
+
+def _gspo_by_hand(logits, batch, eps=0.2):
+  """GSPO's step metrics from the logits [B, L, V] in numpy float64: per-token log-probs by log_softmax, the
+  sequence ratio s_i = exp(mean over response tokens of (log π − log π_old)), the PPO clip per sequence, and
+  seq-mean-token-mean (every token of a response carries the same term, so it is the mean over responses)."""
+  targets, adv = batch["labels"][:, 1:], batch["advantages"].astype(np.float64)
+  mask = targets != -100
+  z = logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  new = np.take_along_axis(logp, np.where(mask, targets, 0)[..., None], -1)[..., 0]
+  s = np.exp(np.where(mask, new - batch["old_logps"], 0.0).sum(-1) / mask.sum(-1))
+  loss = np.mean(np.maximum(-adv * s, -adv * np.clip(s, 1 - eps, 1 + eps)))
+  low, high = (s < 1 - eps) & (adv < 0), (s > 1 + eps) & (adv > 0)
+  return s, {"loss": loss, "ratio_mean": s.mean(), "clip_frac": np.mean(low | high), "clip_frac_low": low.mean(),
+             "clip_frac_high": high.mean()}
+
+
+def test_gspo_step_starts_at_ratio_one_then_matches_a_hand_computation():
+  """At the rollout point the closed form; off it (old log-probs still the rollout's, parameters moved by one
+  and then two optimiser steps; the first step has lr 0), each step's loss and ratio / clip metrics equal a
+  numpy computation from an independent forward of the parameters that step saw."""
+  state, step, batch_dev, batch, logits = _gspo_setup({"fsdp": 1})
+  history, ratios = [], []
+  for k in range(5):
+    params, frozen = jax.device_get(state.params), jax.device_get(state.frozen)  # what step k is computed at
+    state, metrics = step(state, batch_dev)
+    history.append(jax.device_get(metrics))
+    if k not in (2, 3):
+      continue
+    s, want = _gspo_by_hand(logits(params, frozen), batch)
+    # the clip decisions are well defined: no ratio within 1e-3 of a clip edge
+    assert np.min(np.abs(s[:, None] - np.array([0.8, 1.2]))) > 1e-3
+    ratios.append(s)
+    for name, value in want.items():
+      np.testing.assert_allclose(history[k][name], value, rtol=1e-4, atol=1e-6,
+                                 err_msg=f"step {k} {name}")
+  assert np.max(np.abs(ratios[0] - 1)) > 5e-3  # the ratio left 1 after the first update
+  last = ratios[-1]
+  assert np.any((last > 1.2) | (last < 0.8)) and np.any((last > 0.8) & (last < 1.2))  # clipped and not
+  _starts_at_ratio_one_and_follows_the_advantages(history)
 
 
 def test_gspo_step_eight_devices_equal_one():

@@ -7,10 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from internvl_jax import digits, trainer
 from internvl_jax.data import load_records
@@ -156,15 +156,31 @@ def test_cascade_stages_through_train_py(data, tmp_path):
   info = json.loads(done.stdout.strip().splitlines()[-1])
   assert info["questions"] == 4 and info["rollouts"] == 8 and os.path.exists(tmp_path / "own" / "pairs.jsonl")
 
-  meta = _write_pairs(str(tmp_path / "hand"), GOOD * 4, data)
+  # lines 3 and 4 are valid JSON but their chosen reply is longer than a row (data.max_tokens 64): skipped when
+  # their turn comes, which is in step 2 (pair j of the run is permutation((seed 0, epoch))[j], 10 pairs)
+  too_long = {"image": "images/scan_0002.png", "question": "Which digit is this?", "chosen": "2 " * 80,
+              "rejected": "5"}
+  meta = _write_pairs(str(tmp_path / "hand"), GOOD + [too_long] * 2 + GOOD * 3, data)
+  order = np.concatenate([np.random.default_rng((0, e)).permutation(10) for e in range(2)])
+  want, j = [], 0
+  for _ in range(4):  # skipped pairs after each step, by walking the order
+    rows = 0
+    while rows < 2:
+      rows, j = rows + (order[j] not in (2, 3)), j + 1
+    want.append(int(np.isin(order[:j], (2, 3)).sum()))
+  assert want[0] == 0 < want[1]  # skips before the checkpoint at step 2: the resume below must carry them
   mpo_args = (f"--config.model.checkpoint={export}", f"--config.data.meta={meta}", "--config.steps=4",
               "--config.batch_size=2", "--config.checkpoint.every=2", "--config.eval.every=1000")
   out = _train("digits_mpo.py", mpo_dir, data, *mpo_args)
   assert "step 4/4" in out and "accuracy" in out
+  reports = [x for x in out.splitlines() if x.startswith("mpo data: skipped")]
+  assert len(reports) == want[-1] and all(x.startswith(("mpo data: skipped mmpr line 3: too_long:",
+                                                        "mpo data: skipped mmpr line 4: too_long:")) for x in reports)
   full = read_losses(mpo_dir)
   lines = [json.loads(x) for x in open(os.path.join(mpo_dir, "metrics.jsonl"))]
   assert {"loss/sigmoid", "loss/bco_pair", "loss/sft", "bco/delta"} <= set(lines[0])
   assert lines[0]["loss/sigmoid"] == pytest.approx(np.log(2), abs=1e-5)  # the policy starts at the reference
+  assert [x["skipped_pairs"] for x in lines if "skipped_pairs" in x] == want
 
   # resume from step 2 (state and BCO shift from the checkpoint): steps 3 and 4 repeat exactly
   again = str(tmp_path / "mpo_again")
@@ -176,6 +192,8 @@ def test_cascade_stages_through_train_py(data, tmp_path):
   resumed = read_losses(again)
   assert sorted(resumed) == [3, 4]
   np.testing.assert_array_equal([resumed[3], resumed[4]], [full[3], full[4]])
+  lines = [json.loads(x) for x in open(os.path.join(again, "metrics.jsonl"))]
+  assert [x["skipped_pairs"] for x in lines if "skipped_pairs" in x] == want[2:]
 
   out = _train("digits_gspo.py", gspo_dir, data, f"--config.model.checkpoint={mpo_dir}/export", "--config.steps=2",
                "--config.batch_size=2", "--config.gspo.group_size=2", "--config.gspo.rollout_prompts=4",
@@ -186,3 +204,64 @@ def test_cascade_stages_through_train_py(data, tmp_path):
   assert lines[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # the recorded log-probs are the policy's
   assert 0 <= lines[0]["rollout_accuracy"] <= 1 and lines[0]["draws"] >= 1
   assert os.path.exists(os.path.join(gspo_dir, "export", "config.json"))
+
+
+def _round_config(max_draws, group=4):
+  import ml_collections
+  return ml_collections.ConfigDict(dict(seed=0, batch_size=2, gspo=dict(
+      mini_batches=2, rollout_prompts=3, group_size=group, max_new_tokens=2, temperature=1.0, top_p=1.0, max_rows=8,
+      max_draws=max_draws, accuracy_range=(0.2, 0.8), rewards={"accuracy": 1.0})))
+
+
+def _scripted_rounds(monkeypatch, script):
+  """Replaces the sampler: draw d answers prompt p of its pick correctly script[d][p] times out of G (the
+  first ones), so the accuracy filter's decisions are known. -> the list of draws made."""
+  from internvl_jax.rl import stages
+  calls = []
+
+  def sample(model, engine, processor, questions, *, group_size, **kw):
+    n_right = script[len(calls)]
+    texts = [["7"] * n + ["1"] * (group_size - n) for n in n_right]
+    shape = (len(questions), group_size, 2)
+    out = rollout.Rollouts(list(questions), [None] * len(questions), np.zeros(shape, int), np.zeros(shape),
+                           np.ones(shape[:2], int), texts)
+    out.draw = len(calls)
+    calls.append([q["id"] for q in questions])
+    return out
+
+  monkeypatch.setattr(stages.rollout, "sample", sample)
+  return calls
+
+
+QUESTIONS = [{"id": i, "reference": "7"} for i in range(6)]
+NO_RUN = SimpleNamespace(processor=None)  # the scripted sampler needs no processor, engine or model
+
+
+def test_gspo_round_draws_until_enough_prompts_pass(monkeypatch):
+  """need = mini_batches x batch_size = 4 prompts with rollout accuracy in [0.2, 0.8]: 2 + 1 + 2 kept over the
+  draws, so the round stops after the third of up to five draws, the kept ones in draw order."""
+  from internvl_jax.rl import stages
+  calls = _scripted_rounds(monkeypatch, [[2, 4, 1], [0, 3, 4], [1, 0, 3], [2, 2, 2]])
+  groups, metrics = stages._rollout_round(_round_config(max_draws=5), NO_RUN, None, None, QUESTIONS, 0)
+  assert len(calls) == 3 and metrics["draws"] == 3 and metrics["kept_prompts"] == 4
+  assert [(r.draw, i) for r, i, _ in groups] == [
+      (0, 0), (0, 2), (1, 1), (2, 0)]
+  assert metrics["rollout_accuracy"] == pytest.approx((7 + 7 + 4) / 36)
+  for rolls, i, adv in groups:  # each kept group carries its own normalised advantages
+    correct = np.asarray([t == "7" for t in rolls.texts[i]], np.float32)
+    np.testing.assert_allclose(adv[i], losses.group_advantages(correct[None])[0], rtol=1e-6)
+    assert np.abs(adv[i]).max() > 0.5
+
+
+def test_gspo_round_stops_at_max_draws_and_fills_with_zero_advantage(monkeypatch):
+  """One prompt in range per draw: after max_draws = 2 draws 2 of the 4 needed are kept and the rest is filled
+  with the first out-of-range prompts (all right or all wrong: equal rewards, advantage exactly 0)."""
+  from internvl_jax.rl import stages
+  calls = _scripted_rounds(monkeypatch, [[4, 2, 0], [0, 4, 3], [2, 2, 2]])
+  groups, metrics = stages._rollout_round(_round_config(max_draws=2), NO_RUN, None, None, QUESTIONS, 1)
+  assert len(calls) == 2 and metrics["draws"] == 2 and metrics["kept_prompts"] == 2
+  order = [(r.draw, i) for r, i, _ in groups]
+  assert order == [(0, 1), (1, 2), (0, 0), (0, 2)]  # kept first, then fillers in draw order
+  for rolls, i, adv in groups[2:]:
+    np.testing.assert_array_equal(adv[i], np.zeros(4))
+  assert all(np.abs(adv[i]).max() > 0.5 for _, i, adv in groups[:2])

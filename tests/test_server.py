@@ -7,7 +7,6 @@ import base64
 import contextlib
 import io
 import json
-import os
 import signal
 import struct
 import subprocess
@@ -336,7 +335,8 @@ def test_disconnected_stream_is_cancelled(served):
         if '"content"' in line and '"content": ""' not in line:
           break
     end = record(batcher, rid)
-  assert end.reason == "cancelled" and len(end.tokens) < 50, end
+  # "cancelled", not "length": it stopped early; the bound leaves 2x room for a slow machine's event loop
+  assert end.reason == "cancelled" and len(end.tokens) < (MAX_LEN - 100) // 2, end
   r = post(url, body("Still there?"))
   assert r.status_code == 200
 
@@ -354,7 +354,7 @@ def test_abandoned_plain_request_is_cancelled(served):
     while not [r for r in batcher.finished if r.id not in before] and time.monotonic() < deadline:
       time.sleep(0.01)
   end = [r for r in batcher.finished if r.id not in before]
-  assert len(end) == 1 and end[0].reason == "cancelled" and len(end[0].tokens) < 60, end
+  assert len(end) == 1 and end[0].reason == "cancelled" and len(end[0].tokens) < (MAX_LEN - 100) // 2, end
   assert all(r is None for r in batcher.slots)
 
 

@@ -91,34 +91,42 @@ def _setup(name, mesh_shape, trainable=optim.PARTS, accum=1):
   return state, step, jax.device_put(batch, batch_sh)
 
 
-def _run(name, mesh_shape, steps=2, **kw):
+def _run(name, mesh_shape, steps=3, **kw):
+  """`steps` steps on one batch -> (losses, grad norms, final params, last metrics). The warmup's first
+  learning rate is 0, so only steps 2.. move the parameters: 3 steps compare two updates and a loss after one."""
   state, step, batch = _setup(name, mesh_shape, **kw)
-  losses = []
+  losses, norms = [], []
   for _ in range(steps):
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state.params), metrics
+    norms.append(float(metrics["grad_norm"]))
+  assert losses[-1] < losses[0], losses  # the parameters moved (and downhill), so later steps compare updates
+  return losses, norms, jax.device_get(state.params), metrics
+
+
+def _assert_same_params(a, b, rtol=1e-4, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("name,mesh8", [("tiny-dense", {"fsdp": 4, "tensor": 2}),
                                          ("tiny-moe", {"fsdp": 2, "tensor": 2, "expert": 2})])
 def test_eight_devices_equal_one(name, mesh8):
-  one, p1, m1 = _run(name, {"fsdp": 1})
-  eight, p8, m8 = _run(name, mesh8)
+  one, n1, p1, m1 = _run(name, {"fsdp": 1})
+  eight, n8, p8, m8 = _run(name, mesh8)
   np.testing.assert_allclose(eight, one, rtol=2e-5)
-  np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(n8, n1, rtol=1e-5)
+  _assert_same_params(p1, p8)
   if name == "tiny-moe":
     assert float(m1["moe_aux_loss"]) > 0
 
 
 def test_accumulation_equals_one_big_batch():
-  big, p_big, _ = _run("tiny-dense", {"fsdp": 2}, steps=1)
-  acc, p_acc, _ = _run("tiny-dense", {"fsdp": 2}, steps=1, accum=4)
+  big, n_big, p_big, _ = _run("tiny-dense", {"fsdp": 2})
+  acc, n_acc, p_acc, _ = _run("tiny-dense", {"fsdp": 2}, accum=4)
   np.testing.assert_allclose(acc, big, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(p_big), jax.tree.leaves(p_acc)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(n_acc, n_big, rtol=1e-5)
+  _assert_same_params(p_big, p_acc)
 
 
 def test_frozen_parts_do_not_move_and_carry_no_optimizer_state():

@@ -3,8 +3,6 @@ eager loader (whole tensors read, converted, cast, then sliced), the lazy conver
 read only their bytes, and a 2-process job (jax.distributed + gloo on 127.0.0.1) loads the same values."""
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import ml_dtypes
@@ -194,13 +192,7 @@ def test_a_slice_reads_only_its_span(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- two processes
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_load_their_own_shards(checkpoints, tmp_path):
+def test_two_processes_load_their_own_shards(checkpoints, coordinated, tmp_path):
   import internvl_jax as ij
   from flax import nnx
   cases = []
@@ -214,17 +206,11 @@ def test_two_processes_load_their_own_shards(checkpoints, tmp_path):
   # PYTHONPATH: a script's sys.path starts at its own folder, and the package must come from this checkout.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, HERE, str(port), str(i), json.dumps(cases)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=120) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  outs = coordinated(lambda port: [([sys.executable, HERE, str(port), str(i), json.dumps(cases)], env)
+                                   for i in range(2)], timeout=120)
+  for code, _, err in outs:
+    assert code == 0, err[-3000:]
+  results = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in outs]
   assert [r["process"] for r in results] == [0, 1]
   assert all(r["devices"] == [8, 4] and r["shards"] > 0 for r in results)
   assert results[0]["subset"][0] > 0 and results[0]["subset"][1] > 0 and results[1]["subset"] == [0, 0]

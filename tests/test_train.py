@@ -1,6 +1,8 @@
 """train.py end to end on a small digits set: a run killed with SIGKILL and resumed by rerunning the same
 command follows the uninterrupted run's loss curve exactly; the export is read by from_pretrained and the
-Processor; config overrides; the console line, metrics.jsonl and TensorBoard files."""
+Processor; config overrides; the console line, metrics.jsonl and TensorBoard files; samples whose image is
+missing are skipped, and counted and reported as a replay of the data pipeline counts them."""
+import json
 import os
 import signal
 import subprocess
@@ -14,20 +16,33 @@ from internvl_jax.metrics import read_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 24, 4
+BROKEN = 200  # records whose image is missing, beside 1557 good ones
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-  from internvl_jax import digits
-  out = tmp_path_factory.mktemp("digits")
-  digits.build(str(out), train_pairs=120, eval_pairs=16)
-  return str(out)
+def train_meta(digits_dir, tmp_path_factory):
+  """The digits training meta plus a dataset of BROKEN records whose image file does not exist."""
+  here = tmp_path_factory.mktemp("meta")
+  meta = json.load(open(os.path.join(digits_dir, "train_meta.json")))
+  turns = [{"from": "human", "value": "<image>\nWhich digit is this?"}, {"from": "gpt", "value": "7"}]
+  with open(here / "broken.jsonl", "w") as f:
+    for i in range(BROKEN):
+      f.write(json.dumps({"id": f"broken-{i}", "image": f"images/missing_{i}.png", "conversations": turns}) + "\n")
+  meta["broken"] = dict(root=digits_dir, annotation=str(here / "broken.jsonl"), repeat_time=1, data_augment=False,
+                        length=BROKEN)
+  with open(here / "train_meta.json", "w") as f:
+    json.dump(meta, f)
+  return str(here / "train_meta.json")
 
 
-def command(workdir, data, *extra):
+DATA = dict(max_tokens=128, max_tiles_per_row=4)
+
+
+def command(workdir, data, *extra, meta=None):
   return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs/digits.py"),
           f"--workdir={workdir}", f"--config.data_root={data}", f"--config.steps={STEPS}", "--config.batch_size=2",
-          "--config.data.max_tokens=128", "--config.data.max_tiles_per_row=4", f"--config.checkpoint.every={EVERY}",
+          *[f"--config.data.{k}={v}" for k, v in DATA.items()], *([f"--config.data.meta={meta}"] if meta else []),
+          f"--config.checkpoint.every={EVERY}",
           "--config.log_every=1", "--config.eval.every=1000", "--config.eval.generate=4",
           "--config.eval.max_batches=1", *extra]
 
@@ -39,14 +54,49 @@ def env():
 
 
 
-def test_killed_run_resumes_on_the_same_curve(digits_dir, tmp_path):
+def replayed_skips(digits_dir, meta, steps):
+  """The data pipeline of the runs below, in this process: skipped samples after each of `steps` batches."""
+  sys.path.insert(0, ROOT)
+  from configs import digits as digits_config
+  from internvl_jax import data, trainer
+  from internvl_jax.tokenizer import Tokenizer
+  cfg = digits_config.get_config()
+  cfg.data_root = digits_dir
+  cfg.data.update(meta=meta, **DATA)
+  tokenizer = Tokenizer.from_pretrained(digits_dir)
+  processor = trainer.make_processor(cfg, trainer.model_config(cfg, tokenizer), tokenizer)
+  it = data.make_iterator(cfg.data, processor, batch_size=2, seed=cfg.seed, process_index=0, process_count=1)
+  counts = []
+  for _ in range(steps):
+    next(it)
+    counts.append(it.stats()["skipped"])
+  it.close()
+  assert it.stats()["reasons"] == {"missing_file": counts[-1]}
+  return counts
+
+
+def skips_logged(workdir):
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["skipped_samples"] for r in lines if r["kind"] == "train"}  # a resumed step: last wins
+
+
+def test_killed_run_resumes_on_the_same_curve(digits_dir, train_meta, tmp_path):
   full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-  done = subprocess.run(command(full, digits_dir), env=env(), capture_output=True, text=True, timeout=600)
+  done = subprocess.run(command(full, digits_dir, meta=train_meta), env=env(), capture_output=True, text=True,
+                        timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "step 24/24  loss" in done.stdout and "tok/s" in done.stdout and "ETA" in done.stdout
   assert "accuracy" in done.stdout  # the eval table at the last step
+  # Skipped samples: counted per step in metrics.jsonl as the replayed pipeline counts them, and each new
+  # count printed once with its reason.
+  skips = replayed_skips(digits_dir, train_meta, STEPS)
+  assert 0 < skips[-1] < BROKEN and [skips_logged(full)[s] for s in range(1, STEPS + 1)] == skips
+  printed = [line for line in done.stdout.splitlines() if line.startswith("data: ")]
+  want = [f"data: {k} samples skipped so far {{'missing_file': {k}}}" for k in sorted(set(skips) - {0})]
+  assert [line.split(";")[0] for line in printed] == want and "missing_" in printed[0]
 
-  proc = subprocess.Popen(command(killed, digits_dir), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(command(killed, digits_dir, meta=train_meta), env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
   deadline = time.time() + 600
   while time.time() < deadline:  # kill a few steps after the second checkpoint, mid-run
     done_steps = read_losses(killed) if os.path.exists(os.path.join(killed, "metrics.jsonl")) else {}
@@ -58,7 +108,8 @@ def test_killed_run_resumes_on_the_same_curve(digits_dir, tmp_path):
   proc.wait()
   before = max(read_losses(killed))
   assert before < STEPS, "the run finished before it could be killed"
-  resumed = subprocess.run(command(killed, digits_dir), env=env(), capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(command(killed, digits_dir, meta=train_meta), env=env(), capture_output=True, text=True,
+                           timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stdout
 
@@ -66,6 +117,7 @@ def test_killed_run_resumes_on_the_same_curve(digits_dir, tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
   np.testing.assert_array_equal([b[s] for s in sorted(b)], [a[s] for s in sorted(a)])
   assert a[STEPS] < a[1]
+  assert skips_logged(killed) == skips_logged(full)  # the skip counts are part of the checkpointed data state
 
   # The export is a released-layout checkpoint with its tokenizer: serve.py's loaders read it.
   import internvl_jax as ij

@@ -8,7 +8,7 @@ import torch
 import internvl_jax as ij
 from internvl_jax.intern_vit import bicubic_matrix, drop_path
 from internvl_jax.pixel_shuffle import pixel_shuffle
-from test_parity import close, reference
+from test_parity import close
 
 
 def torch_pixel_shuffle_v2(x, scale):

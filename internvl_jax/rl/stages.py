@@ -11,10 +11,11 @@ previous stage's checkpoint (`config.model.checkpoint`, e.g. the SFT run's `expo
   mini_batches x batch_size prompts are kept); then takes `gspo.mini_batches` optimiser steps of batch_size
   prompts (x G rows) each — verl's train_batch_size / ppo_mini_batch_size.
 
-Both draw their data from (seed, step) and keep no iterator state: a resumed MPO run repeats the uninterrupted
-one exactly (BCO shift included); a resumed GSPO run redoes its interrupted round's rollouts. Evaluation,
-checkpoints, metrics and export are SFT's (`trainer.py`). Single-process: generation drives one process's
-devices.
+Both draw their data from (seed, position) with no iterator: MPO's pair j is a function of j, and its
+position and count of skipped pairs are checkpointed as the data state (skipped pairs move the position off
+step x batch_size), so a resumed MPO run repeats the uninterrupted one exactly (BCO shift included); a resumed
+GSPO run redoes its interrupted round's rollouts. Evaluation, checkpoints, metrics and export are SFT's
+(`trainer.py`). Single-process: generation drives one process's devices.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def train_mpo(cfg, workdir: str) -> dict:
     replicated = jax.NamedSharding(mesh, jax.P())
     return losses.bco_init(), losses.BCOState(replicated, replicated)
 
-  run = trainer.prepare(cfg, workdir, extra=bco_state)
+  cursor = _PairCursor()
+  run = trainer.prepare(cfg, workdir, extra=bco_state, make_iterator=lambda processor: cursor)
   (state, bco), setup = run.state, run.setup
   trainer.check_rows(run.mesh, 2 * cfg.batch_size, f"2 x batch_size = {2 * cfg.batch_size} rows (chosen, rejected)")
   pairs, skipped = pairs_lib.load_pairs(cfg.data.meta)
@@ -59,21 +61,23 @@ def train_mpo(cfg, workdir: str) -> dict:
   step_fn = ref_fn = None
   pad_id = run.processor.tokenizer.pad_id
   step = int(jax.device_get(state.step))
-  cursor, bad, log = step * cfg.batch_size, [], trainer.StepLog(run, cfg)
+  if cursor.next is None:  # a fresh run, or a checkpoint written before the cursor was saved
+    cursor.next = step * cfg.batch_size
+  log = trainer.StepLog(run, cfg)
   epoch_order = functools.lru_cache(maxsize=2)(
       lambda epoch: np.random.default_rng((cfg.seed, epoch)).permutation(len(pairs)))
   order = lambda j: epoch_order(j // len(pairs))[j % len(pairs)]  # pair j of the run: a function of j only
   while step < cfg.steps:
     rows = []
     while len(rows) < cfg.batch_size:  # a pair that cannot be made is skipped, counted and reported
-      pair = pairs[order(cursor)]
-      cursor += 1
+      pair = pairs[order(cursor.next)]
+      cursor.next += 1
       try:
         rows.append(pairs_lib.pair_samples(pair, processor=run.processor, max_tokens=cfg.data.max_tokens,
                                            max_tiles=cfg.data.max_tiles_per_row))
       except samples.SampleError as e:
-        bad.append(f"{pair['where']}: {e.reason}: {e}")
-        print(f"mpo data: skipped {bad[-1]}", flush=True)
+        cursor.skipped += 1
+        print(f"mpo data: skipped {pair['where']}: {e.reason}: {e}", flush=True)
     local = pairs_lib.mpo_batch(rows, max_tokens=cfg.data.max_tokens, max_tiles=cfg.data.max_tiles_per_row,
                                 pad_id=pad_id, tile_size=run.processor.tile_size)
     batch = sft.global_batch(local, run.mesh)
@@ -86,17 +90,33 @@ def train_mpo(cfg, workdir: str) -> dict:
     batch["ref_logps"] = ref_fn(ref_params, batch)
     state, bco, metrics = step_fn(state, bco, batch)
     step += 1
-    log.step(step, dict(metrics, skipped_pairs=len(bad)), int(np.sum(local["segment_ids"] > 0)))
-    run.checkpointer.save(step, (state, bco), None, force=step == cfg.steps)
+    log.step(step, dict(metrics, skipped_pairs=cursor.skipped), int(np.sum(local["segment_ids"] > 0)))
+    run.checkpointer.save(step, (state, bco), cursor, force=step == cfg.steps)
     log.end_of_step(step, state)
   trainer.finish(cfg, run, state, workdir)
   return log.last
 
 
+class _PairCursor:
+  """The MPO stage's position in its pair order and its count of skipped pairs, checkpointed as the data
+  iterator's state: once a pair has been skipped the position is no longer step x batch_size, so a resumed run
+  could not recompute it without making every earlier row again."""
+
+  def __init__(self):
+    self.next, self.skipped = None, 0
+
+  def get_state(self) -> dict:
+    return {"next": self.next, "skipped": self.skipped}
+
+  def set_state(self, state: dict) -> None:
+    self.next, self.skipped = state.get("next"), state.get("skipped", 0)
+
+
 def _rollout_round(cfg, run, engine, model, questions, round_index: int):
   """Rollouts from `model` until mini_batches x batch_size prompts pass the accuracy filter (or max_draws
-  draws are spent; the rest is then filled with prompts outside the range, whose equal rewards give
-  advantage 0). -> ([(rollouts, prompt index, advantages [P, G])], statistics)."""
+  draws are spent; the rest is then filled with prompts outside the range, in draw order, each with its own
+  group advantages: 0 where its rewards are all equal, as every response right or every one wrong; not 0 for
+  e.g. 1 right of G = 8 under [0.2, 0.8]). -> ([(rollouts, prompt index, advantages [P, G])], statistics)."""
   g = cfg.gspo
   need = g.mini_batches * cfg.batch_size
   kept, spare = [], []
