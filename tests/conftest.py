@@ -122,6 +122,23 @@ def ckpt_dir(tmp_path_factory):
 
 
 
+def digits_setup(data_root: str):
+  """configs/digits.py pointed at a digits build -> (config, model config, Processor), made as train.py makes
+  them (trainer.model_config, trainer.make_processor)."""
+  import sys
+  from internvl_jax import trainer
+  from internvl_jax.tokenizer import Tokenizer
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from configs import digits as digits_config
+  cfg = digits_config.get_config()
+  cfg.data_root = data_root
+  tokenizer = Tokenizer.from_pretrained(data_root)
+  model_cfg = trainer.model_config(cfg, tokenizer)
+  return cfg, model_cfg, trainer.make_processor(cfg, model_cfg, tokenizer)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
   """A small digits demo build (120 sum pairs for training, 16 held out; every scan): shared, read-only."""

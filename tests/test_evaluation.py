@@ -1,20 +1,19 @@
 """The Evaluator that train.py runs (held-out loss and the accuracy table it prints) against a hand
 computation on a tiny random model: one forward pass per held-out sample with the cross-entropy in float64
-numpy, and greedy answers by repeated full forward passes (no KV cache, no batching, no padding)."""
+numpy, and greedy answers by repeated full forward passes (no KV cache, no batching; ids right-padded to one
+width, which causal attention keeps out of the positions read)."""
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import digits_setup
 
 from internvl_jax import evaluation, sharding, trainer
 from internvl_jax.internvl import forward
 from internvl_jax.processor import IGNORE
-from internvl_jax.tokenizer import Tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 5
 WIDTH = 128  # every forward pass here right-pads its ids to this width: one compilation; causal attention
              # keeps the padding out of the positions read
@@ -39,16 +38,10 @@ def run(digits_dir, tmp_path_factory):
       f.writelines(lines)
   with open(here / "meta.json", "w") as f:
     json.dump(meta, f)
-  sys.path.insert(0, ROOT)
-  from configs import digits as digits_config
-  cfg = digits_config.get_config()
-  cfg.data_root = digits_dir
+  cfg, model_cfg, processor = digits_setup(digits_dir)
   cfg.eval.update(meta=str(here / "meta.json"), generate=100, max_batches=100, max_new_tokens=MAX_NEW,
                   scorer="exact")
   cfg.data.max_tokens = 96  # rows of 96 tokens: the 7 samples pack into several rows and batches
-  tokenizer = Tokenizer.from_pretrained(digits_dir)
-  model_cfg = trainer.model_config(cfg, tokenizer)
-  processor = trainer.make_processor(cfg, model_cfg, tokenizer)
   mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
   model = trainer.initial_model(cfg, model_cfg, mesh)
   return cfg, processor, mesh, model

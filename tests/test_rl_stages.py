@@ -11,18 +11,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import digits_setup
 
-from internvl_jax import digits, trainer
+from internvl_jax import digits
 from internvl_jax.data import load_records
 from internvl_jax.generation import Engine
 from internvl_jax.internvl import init_model
 from internvl_jax.metrics import read_losses
 from internvl_jax.processor import IGNORE
 from internvl_jax.rl import gspo, losses, mpo, pairs, rollout
-from internvl_jax.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +34,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def parts(data):
   """(config, processor, a random digits-shaped model)."""
-  from configs import digits as digits_config
-  cfg = digits_config.get_config()
-  cfg.data_root = data
-  tok = Tokenizer.from_pretrained(data)
-  model_cfg = trainer.model_config(cfg, tok)
-  return cfg, trainer.make_processor(cfg, model_cfg, tok), init_model(model_cfg, seed=0)
+  cfg, model_cfg, processor = digits_setup(data)
+  return cfg, processor, init_model(model_cfg, seed=0)
 
 
 def test_rollout_logps_are_the_train_steps_logps(data, parts):

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import digits_setup
 
 from internvl_jax.metrics import read_losses
 
@@ -56,15 +57,9 @@ def env():
 
 def replayed_skips(digits_dir, meta, steps):
   """The data pipeline of the runs below, in this process: skipped samples after each of `steps` batches."""
-  sys.path.insert(0, ROOT)
-  from configs import digits as digits_config
-  from internvl_jax import data, trainer
-  from internvl_jax.tokenizer import Tokenizer
-  cfg = digits_config.get_config()
-  cfg.data_root = digits_dir
+  from internvl_jax import data
+  cfg, _, processor = digits_setup(digits_dir)
   cfg.data.update(meta=meta, **DATA)
-  tokenizer = Tokenizer.from_pretrained(digits_dir)
-  processor = trainer.make_processor(cfg, trainer.model_config(cfg, tokenizer), tokenizer)
   it = data.make_iterator(cfg.data, processor, batch_size=2, seed=cfg.seed, process_index=0, process_count=1)
   counts = []
   for _ in range(steps):
