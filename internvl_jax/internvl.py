@@ -34,7 +34,9 @@ def _raise_count_mismatch(n_tokens, n_features):
 
 
 def check_image_tokens(input_ids, n_features: int, image_token_id: int):
-  """Error unless input_ids hold exactly n_features <IMG_CONTEXT> tokens; also works under jit."""
+  """Error unless input_ids hold exactly n_features <IMG_CONTEXT> tokens. Under a caller's own jit the check
+  becomes a device callback, whose error the runtime may report on a later dispatch; our entry points
+  (`forward`, the engine, the data pipeline) check on the host first."""
   count = jnp.sum(input_ids == image_token_id)
   if isinstance(count, jax.core.Tracer):
     jax.debug.callback(_raise_count_mismatch, count, n_features)
@@ -144,7 +146,11 @@ def _forward(model: InternVL, input_ids, pixel_values, attention_mask, position_
 
 def forward(model: InternVL, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
             segment_ids=None, return_aux: bool = False):
-  """Jitted `model(...)`; same arguments and results. Token ids are checked against the vocabulary here,
-  before tracing; the <IMG_CONTEXT> count inside the program."""
+  """Jitted `model(...)`; same arguments and results. Token ids and the <IMG_CONTEXT> count are checked here,
+  on the host, before the program runs: a failed check raises from this call (a device callback's error can
+  be reported by a later, unrelated dispatch)."""
   check_vocab(input_ids, model.cfg.text.vocab_size)
+  if pixel_values is None or jnp.ndim(pixel_values) == 4:
+    n_tiles = 0 if pixel_values is None else jnp.shape(pixel_values)[0]
+    check_image_tokens(np.asarray(input_ids), n_tiles * model.cfg.tokens_per_tile, model.cfg.image_token_id)
   return _forward(model, input_ids, pixel_values, attention_mask, position_ids, segment_ids, return_aux)
