@@ -50,7 +50,7 @@ def main(argv):
   processor = ij.Processor.from_pretrained(path)
   if f.port is not None:
     import uvicorn
-    from internvl_jax.server import bind, make_app
+    from internvl_jax.inference.server import bind, make_app
     name = f.served_model_name or os.path.basename(os.path.normpath(f.checkpoint))
     app_ = make_app(model, processor, model_name=name, max_batch=f.max_batch, max_len=f.max_len,
                     max_tokens=f.max_new_tokens, max_request_bytes=f.max_request_bytes,

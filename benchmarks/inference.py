@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 import internvl_jax as ij
-from internvl_jax import checkpoint, zoo
-from internvl_jax.generation import Engine, Sampling, settings_arrays
+from internvl_jax import zoo
+from internvl_jax.checkpoint import pretrained as checkpoint
+from internvl_jax.inference.engine import Engine
+from internvl_jax.inference.sampling import Sampling, settings_arrays
 
 
 def hf_model(cfg, dtype):

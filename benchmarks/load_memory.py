@@ -38,8 +38,10 @@ import numpy as np
 def write_random_checkpoint(preset: str, folder: str, layout: str):
   """Writes the checkpoint unless `folder` already holds one of this config; returns (total, largest) bytes."""
   import ml_dtypes
-  from internvl_jax import checkpoint, safetensors_io, zoo
-  from internvl_jax.checkpoint_keys import specs
+  from internvl_jax import zoo
+  from internvl_jax.checkpoint import pretrained as checkpoint
+  from internvl_jax.checkpoint import safetensors_io
+  from internvl_jax.checkpoint.keys import specs
   cfg = zoo.get(preset)
   rng = np.random.default_rng(0)
   entries = []

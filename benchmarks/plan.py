@@ -14,7 +14,8 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 import argparse
 import time
 
-from internvl_jax import plan, zoo
+from internvl_jax import zoo
+from internvl_jax.training import plan
 
 PAPER = [n for n in zoo.PRESETS if n.startswith("InternVL3.5-")]
 

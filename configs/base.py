@@ -60,5 +60,5 @@ def get_config():
   c.eval.max_batches = 8  # held-out loss over this many batches
   c.eval.generate = 0  # held-out questions answered greedily and scored (0 = loss only)
   c.eval.max_new_tokens = 32
-  c.eval.scorer = "final_answer"  # see internvl_jax/evaluation.py SCORERS
+  c.eval.scorer = "final_answer"  # see internvl_jax/training/evaluation.py SCORERS
   return c

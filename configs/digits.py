@@ -1,6 +1,6 @@
 """The README demo: a tiny InternVL trained from scratch on scikit-learn's handwritten digits.
 
-  python -m internvl_jax.digits --out data/digits          # images, JSONL, meta files, tokenizer
+  python -m internvl_jax.demos.digits --out data/digits          # images, JSONL, meta files, tokenizer
   python train.py --config=configs/digits.py --workdir=runs/digits
 
 A 56 px tile of 7 px patches (8x8: one patch per pixel of the 8x8 scan) gives 16 tokens after pixel

@@ -1,5 +1,5 @@
 """Cascade RL on the digits demo, offline stage: MPO from the SFT run's export on pairs of the model's own
-rollouts (`python -m internvl_jax.rl.pairs`; `python -m internvl_jax.rl.cascade` runs the whole cascade).
+rollouts (`python -m internvl_jax.training.rl.pairs`; `python -m internvl_jax.training.rl.cascade` runs the whole cascade).
 
   python train.py --config=configs/digits_mpo.py --workdir=runs/digits_mpo \\
       --config.model.checkpoint=runs/digits_sft/export --config.data.meta=runs/digits_pairs/meta.json

@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses: vision encoder, text decoder, whole model.
 
-Field names follow the paper and REFERENCE.md; `internvl_jax.checkpoint` translates from both released
+Field names follow the paper and REFERENCE.md; `internvl_jax.checkpoint.pretrained` translates from both released
 config.json layouts. Configs are hashable, so they can be static arguments of jitted functions.
 """
 from __future__ import annotations

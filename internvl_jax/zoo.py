@@ -81,7 +81,7 @@ def param_counts(cfg: InternVLConfig) -> dict[str, int]:
   active count and the ViT; gpt-oss advertises 3.6B by leaving the input embedding out, so our 4.5B for
   20B-A4B, 3.7B for 30B-A3B and 27.8B for 241B-A28B each lie within 1B of the name (tests/test_zoo.py).
   """
-  from internvl_jax.internvl import InternVL
+  from internvl_jax.model.internvl import InternVL
   model = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
   vision = _size(nnx.state(model.vision_model, nnx.Param))
   projector = _size(nnx.state(model.mlp1, nnx.Param))

@@ -7,7 +7,7 @@
 
 backend: 'auto' (the kernel of this platform; the reference on the CPU), 'tpu', 'gpu' or 'reference'.
 `interpret=True` runs a Pallas kernel on any device (tests). The model chooses between these and XLA in
-`internvl_jax/dispatch.py`.
+`internvl_jax/model/dispatch.py`.
 """
 from kernels.flash_attention import BlockSizes, flash_attention, reference_attention
 from kernels.gmm import GmmBlockSizes, gmm, tgmm

@@ -102,8 +102,9 @@ def ckpt_dir(tmp_path_factory):
   of the tiny-dense preset with that tokenizer's <IMG_CONTEXT> id (no weights)."""
   import json
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from internvl_jax import checkpoint, zoo
-  from internvl_jax.conversation import INTERNVL_SYSTEM
+  from internvl_jax import zoo
+  from internvl_jax.checkpoint import pretrained as checkpoint
+  from internvl_jax.inputs.conversation import INTERNVL_SYSTEM
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -126,8 +127,8 @@ def digits_setup(data_root: str):
   """configs/digits.py pointed at a digits build -> (config, model config, Processor), made as train.py makes
   them (trainer.model_config, trainer.make_processor)."""
   import sys
-  from internvl_jax import trainer
-  from internvl_jax.tokenizer import Tokenizer
+  from internvl_jax.training import loop as trainer
+  from internvl_jax.inputs.tokenizer import Tokenizer
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if root not in sys.path:
     sys.path.insert(0, root)
@@ -142,7 +143,7 @@ def digits_setup(data_root: str):
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
   """A small digits demo build (120 sum pairs for training, 16 held out; every scan): shared, read-only."""
-  from internvl_jax import digits
+  from internvl_jax.demos import digits
   out = tmp_path_factory.mktemp("digits")
   digits.build(str(out), train_pairs=120, eval_pairs=16)
   return str(out)

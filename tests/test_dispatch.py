@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import internvl_jax as ij
-from internvl_jax import dispatch, sharding, zoo
+from internvl_jax import sharding, zoo
+from internvl_jax.model import dispatch
 from conftest import make_batch
 
 
@@ -81,7 +82,7 @@ def test_resolution_and_errors():
 def test_headwise_attention_equals_batched(causal):
   """The CPU's per-(row, kv head) attention gives the batched form's result: GQA, a padded row (whose
   queries see nothing valid), float32 within 1e-5 and bfloat16 within 2e-2."""
-  from internvl_jax.layers import decoder_mask, headwise_attention, masked_attention
+  from internvl_jax.model.layers import decoder_mask, headwise_attention, masked_attention
   rng = np.random.default_rng(0)
   b, t, n, kv, h = 2, 37, 8, 2, 16
   q, k, v = (jnp.asarray(rng.standard_normal((b, t, m, h)), jnp.float32) for m in (n, kv, kv))

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from conftest import digits_setup
 
-from internvl_jax import evaluation, sharding, trainer
-from internvl_jax.internvl import forward
-from internvl_jax.processor import IGNORE
+from internvl_jax import sharding
+from internvl_jax.training import evaluation
+from internvl_jax.training import loop as trainer
+from internvl_jax.model.internvl import forward
+from internvl_jax.inputs.processor import IGNORE
 
 MAX_NEW = 5
 WIDTH = 128  # every forward pass here right-pads its ids to this width: one compilation; causal attention

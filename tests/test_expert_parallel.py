@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 import internvl_jax as ij
-from internvl_jax import dispatch, moe, sharding, zoo
+from internvl_jax import sharding, zoo
+from internvl_jax.model import dispatch
+from internvl_jax.model import moe
 from internvl_jax.config import TextConfig
 from conftest import make_batch
 

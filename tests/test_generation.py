@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import internvl_jax as ij
-from internvl_jax.generation import length_bucket, split_thinking
+from internvl_jax.inference.engine import length_bucket
+from internvl_jax.inference.chat import split_thinking
 from conftest import IMAGE_TOKEN
 
 
@@ -145,7 +146,7 @@ def test_bfloat16_decode_follows_the_full_forward(hf_checkpoint):
   scores every new token as a forward pass over the whole sequence without a cache does."""
   import jax
   model = ij.from_pretrained(hf_checkpoint("dense")[0], dtype="bfloat16")
-  assert ij.generation.engine_for(model).min_batch == (2 if jax.default_backend() == "cpu" else 1)
+  assert ij.inference.engine.engine_for(model).min_batch == (2 if jax.default_backend() == "cpu" else 1)
   for batch in (1, 3):
     ids, mask, pixels = prompts(batch, seed=7)
     new, logps = ij.generate(model, ids, pixels, attention_mask=mask, max_new_tokens=16, eos_token_ids=(),
@@ -175,7 +176,7 @@ def draw_counts(logits, temperature, top_k, top_p, per_row_keys=False, seed=0):
   -> counts [R, V]."""
   import jax
   import jax.numpy as jnp
-  from internvl_jax.generation import sample
+  from internvl_jax.inference.sampling import sample
   logits = np.asarray(logits, np.float32)
   r, v = logits.shape
   rep = lambda a, dt: jnp.asarray(np.repeat(np.broadcast_to(np.asarray(a, dt), (r,)), DRAWS))

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 import internvl_jax as ij
-from internvl_jax import dynamic_resolution as dr, video, zoo
-from internvl_jax.conversation import INTERNVL_SYSTEM, THINKING_SYSTEM
+from internvl_jax import zoo
+from internvl_jax.inputs import dynamic_resolution as dr
+from internvl_jax.inputs import video
+from internvl_jax.inputs.conversation import INTERNVL_SYSTEM, THINKING_SYSTEM
 
 # REFERENCE.md §4: the official candidate order for min 1, max 12 (CPython 3.11 set order, stable-sorted).
 OFFICIAL_ORDER = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
@@ -263,7 +265,7 @@ def test_original_layout_config_without_image_token_key(ckpt_dir, tmp_path):
   with open(tmp_path / "config.json", "w") as f:
     json.dump(raw, f)
   proc = ij.Processor.from_pretrained(str(tmp_path))
-  from internvl_jax.checkpoint import load_config
+  from internvl_jax.checkpoint.pretrained import load_config
   cfg, layout = load_config(str(tmp_path))
   assert layout == "original" and cfg.image_token_id == proc.tokenizer.image_token_id
 

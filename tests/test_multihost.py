@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from internvl_jax.metrics import read_losses
+from internvl_jax.training.metrics import read_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

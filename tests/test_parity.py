@@ -58,7 +58,7 @@ def test_original_layout_roundtrip(hf_checkpoint, batch, tmp_path, variant):
   _, _, logits = reference(hf, ids, mask, pixels)
   ij.save_pretrained(ij.from_pretrained(path), str(tmp_path), layout="original")
   import json
-  from internvl_jax.safetensors_io import Checkpoint
+  from internvl_jax.checkpoint.safetensors_io import Checkpoint
   keys = set(Checkpoint(str(tmp_path)).keys())
   assert "vision_model.encoder.layers.0.attn.qkv.weight" in keys and "mlp1.1.weight" in keys
   assert json.load(open(tmp_path / "config.json"))["llm_config"]["architectures"][0].startswith("Qwen3")
@@ -193,7 +193,7 @@ NORM_ATOL = 4e-6
 @pytest.mark.parametrize("eps", [1e-6, 1e-5])  # InternViT's layer_norm_eps; the projector's nn.LayerNorm default
 def test_layer_norm_matches_torch(eps):
   from flax import nnx
-  from internvl_jax.layers import LayerNorm
+  from internvl_jax.model.layers import LayerNorm
   dim = 96
   x = rows_at_every_scale(dim)
   rng = np.random.RandomState(1)
@@ -209,7 +209,7 @@ def test_rms_norm_matches_transformers():
   the weight multiplied last."""
   from flax import nnx
   from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-  from internvl_jax.layers import RMSNorm
+  from internvl_jax.model.layers import RMSNorm
   dim, eps = 96, 1e-6  # Qwen3's rms_norm_eps and InternViT-6B's layer_norm_eps
   x = rows_at_every_scale(dim)
   w = (1 + 0.3 * np.random.RandomState(1).randn(dim)).astype(np.float32)
@@ -225,7 +225,7 @@ def test_rms_norm_matches_transformers():
 
 def test_gelu_is_exact_erf_gelu():
   """ACT2FN['gelu'] / nn.GELU() is the erf form; the tanh approximation differs by up to 5e-4 near |x| ~ 2."""
-  from internvl_jax.layers import gelu
+  from internvl_jax.model.layers import gelu
   x = np.concatenate([np.linspace(-12, 12, 4801), 3 * np.random.RandomState(0).randn(4000), [-1e4, 1e4]])
   x = x.astype(np.float32)
   ref = torch.nn.functional.gelu(torch.tensor(x)).numpy()

@@ -10,8 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
-from internvl_jax import optim, plan, sft, sharding, zoo
-from internvl_jax.internvl import InternVL, init_model
+from internvl_jax import sharding, zoo
+from internvl_jax.training import optim
+from internvl_jax.training import plan
+from internvl_jax.training import sft
+from internvl_jax.model.internvl import InternVL, init_model
 
 GiB = 2 ** 30
 ALL = {"data": 1, "fsdp": 1, "tensor": 1, "expert": 1}
@@ -84,11 +87,11 @@ def test_decoder_sets_equal_the_saved_residuals(moe, monkeypatch):
   """plan's 'none' set (+ the layer's compute-dtype weight casts) and 'save_dots' set against the residuals
   JAX keeps for a bfloat16 DecoderLayer (XLA attention, so the scores are part of it). The batched XLA form
   is what runs under a training mesh; the CPU's single-device head-wise form saves other residuals."""
-  monkeypatch.setattr("internvl_jax.layers.headwise_pays", lambda: False)
-  monkeypatch.setattr("internvl_jax.layers.wide_products", lambda: False)  # the accelerators' form, as plan models
-  from internvl_jax import qwen3
+  monkeypatch.setattr("internvl_jax.model.layers.headwise_pays", lambda: False)
+  monkeypatch.setattr("internvl_jax.model.layers.wide_products", lambda: False)  # the accelerators' form, as plan models
+  from internvl_jax.model import qwen3
   from internvl_jax.config import TextConfig
-  from internvl_jax.layers import remat_policy
+  from internvl_jax.model.layers import remat_policy
   kw = dict(vocab_size=256, hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
             intermediate_size=256)
   if moe:
@@ -113,10 +116,10 @@ def test_decoder_sets_equal_the_saved_residuals(moe, monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-6b"])
 def test_vit_sets_equal_the_saved_residuals(name, monkeypatch):
-  monkeypatch.setattr("internvl_jax.layers.headwise_pays", lambda: False)  # as in the decoder test
-  monkeypatch.setattr("internvl_jax.layers.wide_products", lambda: False)
-  from internvl_jax import intern_vit
-  from internvl_jax.layers import remat_policy
+  monkeypatch.setattr("internvl_jax.model.layers.headwise_pays", lambda: False)  # as in the decoder test
+  monkeypatch.setattr("internvl_jax.model.layers.wide_products", lambda: False)
+  from internvl_jax.model import intern_vit
+  from internvl_jax.model.layers import remat_policy
   v = zoo.get(name).vision
   layer = intern_vit.InternViTLayer(v, 0.0, param_dtype=jnp.float32, impl="xla", rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(layer)

@@ -1,4 +1,4 @@
-"""Cascade RL losses (`internvl_jax.rl`) against TRL's own loss code on identical log-probs: values, logged
+"""Cascade RL losses (`internvl_jax.training.rl`) against TRL's own loss code on identical log-probs: values, logged
 metrics and gradients (jax.grad vs torch autograd through TRL).
 
 No TRL trainer is built: its loss methods are called unbound with a SimpleNamespace standing in for `self`
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from internvl_jax import rl
+from internvl_jax.training import rl
 
 RTOL = 1e-5
 MAX_ERR = {}  # name -> max relative error seen (printed with -s)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from internvl_jax import optim, sft, sharding, zoo
-from internvl_jax.internvl import init_model
-from internvl_jax.rl import gspo, losses, mpo
+from internvl_jax import sharding, zoo
+from internvl_jax.training import optim
+from internvl_jax.training import sft
+from internvl_jax.model.internvl import init_model
+from internvl_jax.training.rl import gspo, losses, mpo
 
 TPT = 4  # tokens per tile of the tiny presets
 

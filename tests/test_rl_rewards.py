@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from internvl_jax.rl import rewards
+from internvl_jax.training.rl import rewards
 
 
 @pytest.mark.parametrize("completion, reference, want", [

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from conftest import digits_setup
 
-from internvl_jax import digits
+from internvl_jax.demos import digits
 from internvl_jax.data import load_records
-from internvl_jax.generation import Engine
-from internvl_jax.internvl import init_model
-from internvl_jax.metrics import read_losses
-from internvl_jax.processor import IGNORE
-from internvl_jax.rl import gspo, losses, mpo, pairs, rollout
+from internvl_jax.inference.engine import Engine
+from internvl_jax.model.internvl import init_model
+from internvl_jax.training.metrics import read_losses
+from internvl_jax.inputs.processor import IGNORE
+from internvl_jax.training.rl import gspo, losses, mpo, pairs, rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +143,7 @@ def test_cascade_stages_through_train_py(data, tmp_path):
   export = os.path.join(sft_dir, "export")
 
   # pairs from the model's own rollouts (a 4-step model rarely has correct answers: hand-written pairs train)
-  done = subprocess.run([sys.executable, "-m", "internvl_jax.rl.pairs", f"--checkpoint={export}",
+  done = subprocess.run([sys.executable, "-m", "internvl_jax.training.rl.pairs", f"--checkpoint={export}",
                          f"--meta={data}/train_meta.json", f"--out={tmp_path / 'own'}", "--limit=4", "--group=2",
                          "--max_new_tokens=4", "--max_tiles=1", "--no-thumbnail"], env=_env(), capture_output=True,
                         text=True, timeout=300)
@@ -211,7 +211,7 @@ def _round_config(max_draws, group=4):
 def _scripted_rounds(monkeypatch, script):
   """Replaces the sampler: draw d answers prompt p of its pick correctly script[d][p] times out of G (the
   first ones), so the accuracy filter's decisions are known. -> the list of draws made."""
-  from internvl_jax.rl import stages
+  from internvl_jax.training.rl import stages
   calls = []
 
   def sample(model, engine, processor, questions, *, group_size, **kw):
@@ -235,7 +235,7 @@ NO_RUN = SimpleNamespace(processor=None)  # the scripted sampler needs no proces
 def test_gspo_round_draws_until_enough_prompts_pass(monkeypatch):
   """need = mini_batches x batch_size = 4 prompts with rollout accuracy in [0.2, 0.8]: 2 + 1 + 2 kept over the
   draws, so the round stops after the third of up to five draws, the kept ones in draw order."""
-  from internvl_jax.rl import stages
+  from internvl_jax.training.rl import stages
   calls = _scripted_rounds(monkeypatch, [[2, 4, 1], [0, 3, 4], [1, 0, 3], [2, 2, 2]])
   groups, metrics = stages._rollout_round(_round_config(max_draws=5), NO_RUN, None, None, QUESTIONS, 0)
   assert len(calls) == 3 and metrics["draws"] == 3 and metrics["kept_prompts"] == 4
@@ -251,7 +251,7 @@ def test_gspo_round_draws_until_enough_prompts_pass(monkeypatch):
 def test_gspo_round_stops_at_max_draws_and_fills_with_zero_advantage(monkeypatch):
   """One prompt in range per draw: after max_draws = 2 draws 2 of the 4 needed are kept and the rest is filled
   with the first out-of-range prompts (all right or all wrong: equal rewards, advantage exactly 0)."""
-  from internvl_jax.rl import stages
+  from internvl_jax.training.rl import stages
   calls = _scripted_rounds(monkeypatch, [[4, 2, 0], [0, 4, 3], [2, 2, 2]])
   groups, metrics = stages._rollout_round(_round_config(max_draws=2), NO_RUN, None, None, QUESTIONS, 1)
   assert len(calls) == 2 and metrics["draws"] == 2 and metrics["kept_prompts"] == 2

@@ -28,7 +28,7 @@ def start_server(app, grace=10.0):
   """uvicorn on a socket the OS bound for us (no port probed and released), in a thread; `grace`: seconds
   running requests get at shutdown."""
   import uvicorn
-  from internvl_jax.server import bind
+  from internvl_jax.inference.server import bind
   sock = bind("127.0.0.1", 0)
   server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -42,8 +42,8 @@ def start_server(app, grace=10.0):
 
 @pytest.fixture(scope="module")
 def served(ckpt_dir):
-  from internvl_jax.checkpoint import load_config
-  from internvl_jax.server import make_app
+  from internvl_jax.checkpoint.pretrained import load_config
+  from internvl_jax.inference.server import make_app
   processor = ij.Processor.from_pretrained(str(ckpt_dir))
   model = ij.init_model(load_config(str(ckpt_dir))[0], seed=1)
   app = make_app(model, processor, model_name="tiny", max_batch=4, max_len=MAX_LEN, max_tokens=8)
@@ -361,8 +361,8 @@ def test_abandoned_plain_request_is_cancelled(served):
 def test_cancelled_request_leaves_the_batch(served):
   """What a disconnect does, without HTTP: the row is freed before the next step, long before max_tokens."""
   _, app, _, processor = served
-  from internvl_jax.generation import Sampling
-  from internvl_jax.server import Request
+  from internvl_jax.inference.sampling import Sampling
+  from internvl_jax.inference.server import Request
   batcher = app.state.batcher
 
   async def run():
@@ -430,8 +430,8 @@ def test_a_dead_loop_answers_503(ckpt_dir):
   """Should the decode thread stop anyway (here: a BaseException no handler catches), the request it held
   and every later one get a 503, and /health says 503."""
   import httpx
-  from internvl_jax.checkpoint import load_config
-  from internvl_jax.server import make_app
+  from internvl_jax.checkpoint.pretrained import load_config
+  from internvl_jax.inference.server import make_app
   processor = ij.Processor.from_pretrained(str(ckpt_dir))
   app = make_app(ij.init_model(load_config(str(ckpt_dir))[0], seed=1), processor, model_name="tiny", max_batch=2,
                  max_len=MAX_LEN)
@@ -459,8 +459,8 @@ def test_shutdown_cuts_what_outlives_the_grace_period(ckpt_dir):
   """What SIGTERM starts (uvicorn's should_exit) with 1 s of grace: a stream that needs ~10 s more is cut,
   its row is freed, the decode loop stops and the server thread ends."""
   import httpx
-  from internvl_jax.checkpoint import load_config
-  from internvl_jax.server import make_app
+  from internvl_jax.checkpoint.pretrained import load_config
+  from internvl_jax.inference.server import make_app
   processor = ij.Processor.from_pretrained(str(ckpt_dir))
   app = make_app(ij.init_model(load_config(str(ckpt_dir))[0], seed=1), processor, model_name="tiny", max_batch=2,
                  max_len=MAX_LEN)
@@ -494,7 +494,7 @@ def test_shutdown_cuts_what_outlives_the_grace_period(ckpt_dir):
 def saved_ckpt(ckpt_dir, tmp_path_factory):
   """The tiny model with weights and tokenizer, as serve.py reads it."""
   import shutil
-  from internvl_jax.checkpoint import load_config
+  from internvl_jax.checkpoint.pretrained import load_config
   path = tmp_path_factory.mktemp("served")
   ij.save_pretrained(ij.init_model(load_config(str(ckpt_dir))[0], seed=2), str(path), layout="original")
   shutil.copy(ckpt_dir / "tokenizer.json", path / "tokenizer.json")

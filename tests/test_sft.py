@@ -8,8 +8,10 @@ import pytest
 import torch
 from flax import nnx
 
-from internvl_jax import optim, sft, sharding, zoo
-from internvl_jax.internvl import forward, init_model
+from internvl_jax import sharding, zoo
+from internvl_jax.training import optim
+from internvl_jax.training import sft
+from internvl_jax.model.internvl import forward, init_model
 
 TPT = 4  # tokens per tile of the tiny presets
 

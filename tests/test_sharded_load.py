@@ -28,8 +28,9 @@ def random_model(preset, seed=0):
 
 def eager_load(path, dtype=np.float32):
   """The loader before lazy reads: each parameter's whole tensors read, converted, cast; no mesh."""
-  from internvl_jax import checkpoint, safetensors_io
-  from internvl_jax.checkpoint_keys import canonical_hf_key, specs
+  from internvl_jax.checkpoint import pretrained as checkpoint
+  from internvl_jax.checkpoint import safetensors_io
+  from internvl_jax.checkpoint.keys import canonical_hf_key, specs
   cfg, layout = checkpoint.load_config(path)
   ckpt = safetensors_io.Checkpoint(path)
   name = {(canonical_hf_key(k) if layout == "hf" else k): k for k in ckpt.keys()}
@@ -69,8 +70,10 @@ def test_sharded_load_is_bit_identical(checkpoints, preset, layout, monkeypatch)
   import jax
   import internvl_jax as ij
   from flax import nnx
-  from internvl_jax import checkpoint, safetensors_io, sharding
-  from internvl_jax.checkpoint_keys import specs
+  from internvl_jax import sharding
+  from internvl_jax.checkpoint import pretrained as checkpoint
+  from internvl_jax.checkpoint import safetensors_io
+  from internvl_jax.checkpoint.keys import specs
   path, saved = checkpoints[preset, layout]
   want = eager_load(path)
   saved = {p: np.asarray(v.get_value()).astype(ml_dtypes.bfloat16).astype(np.float32)
@@ -99,8 +102,9 @@ def test_sharded_load_is_bit_identical(checkpoints, preset, layout, monkeypatch)
 def test_conversions_are_views_of_the_files(checkpoints):
   """Every parameter's lazy conversion is a view (or a Stacked of views) into the mapped files: no
   conversion copies, so no shard read ever reads a whole tensor."""
-  from internvl_jax import checkpoint, safetensors_io
-  from internvl_jax.checkpoint_keys import Stacked, specs
+  from internvl_jax.checkpoint import pretrained as checkpoint
+  from internvl_jax.checkpoint import safetensors_io
+  from internvl_jax.checkpoint.keys import Stacked, specs
   for path, _ in checkpoints.values():
     cfg, layout = checkpoint.load_config(path)
     ckpt = safetensors_io.Checkpoint(path)
@@ -114,8 +118,10 @@ def test_conversions_are_views_of_the_files(checkpoints):
 @pytest.mark.parametrize("preset", ["InternVL3.5-1B", "InternVL3.5-38B", "InternVL3.5-30B-A3B"])
 def test_released_shapes_convert_without_copies(tmp_path, preset):
   """The same at released sizes (InternViT-6B, MoE experts): a sparse file holds the header and no data."""
-  from internvl_jax import checkpoint, safetensors_io, zoo
-  from internvl_jax.checkpoint_keys import Stacked, specs
+  from internvl_jax import zoo
+  from internvl_jax.checkpoint import pretrained as checkpoint
+  from internvl_jax.checkpoint import safetensors_io
+  from internvl_jax.checkpoint.keys import Stacked, specs
   cfg = zoo.get(preset)
   for layout in ("hf", "original"):
     table = specs(cfg, layout)
@@ -142,7 +148,9 @@ def test_fused_in_memory_experts_load_sharded(checkpoints, tmp_path):
   """transformers' state_dict() spelling with fused experts (gate_up_proj [E, 2I, d], down_proj [E, d, I])
   loads on a mesh with the same values as the per-expert checkpoint."""
   import internvl_jax as ij
-  from internvl_jax import checkpoint, safetensors_io, sharding
+  from internvl_jax import sharding
+  from internvl_jax.checkpoint import pretrained as checkpoint
+  from internvl_jax.checkpoint import safetensors_io
   path, _ = checkpoints["tiny-moe", "hf"]
   ckpt = safetensors_io.Checkpoint(path)
   tensors, fused = {}, {}
@@ -170,7 +178,7 @@ def test_fused_in_memory_experts_load_sharded(checkpoints, tmp_path):
 
 
 def test_a_slice_reads_only_its_span(tmp_path, monkeypatch):
-  from internvl_jax import safetensors_io
+  from internvl_jax.checkpoint import safetensors_io
   w = np.arange(1000 * 64, dtype=np.float32).reshape(1000, 64)
   safetensors_io.write(str(tmp_path), [("w", w.shape, w.dtype, lambda: w)])
   ckpt = safetensors_io.Checkpoint(str(tmp_path))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import digits_setup
 
-from internvl_jax.metrics import read_losses
+from internvl_jax.training.metrics import read_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 24, 4

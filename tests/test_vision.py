@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import internvl_jax as ij
-from internvl_jax.intern_vit import bicubic_matrix, drop_path
-from internvl_jax.pixel_shuffle import pixel_shuffle
+from internvl_jax.model.intern_vit import bicubic_matrix, drop_path
+from internvl_jax.model.pixel_shuffle import pixel_shuffle
 from test_parity import close
 
 

@@ -1,0 +1,1 @@
+"""Checkpoints: safetensors files, the key maps of the two released layouts, from_pretrained/save_pretrained."""

@@ -1,0 +1,1 @@
+"""Runnable demos: the digits task (data, tokenizer, configs) and a random-model checkpoint round trip."""

@@ -1,0 +1,217 @@
+"""JAX-native generation: prefill (vision + text) into a preallocated KV cache, then one jitted decode
+step per token with the cache donated, greedy or sampled (temperature, top-k, top-p, repetition penalty).
+
+Shapes are bucketed so a long-running process compiles a bounded set of programs: prompt lengths round
+up to powers of two from 16 to 128 and then to four steps per octave (`length_bucket`), tile counts and
+batch sizes to powers of two, cache lengths to powers of two covering prompt + new tokens. A process that
+sees prompts up to L tokens (L >= 128), up to T tiles, batches up to B and caches up to C compiles at most
+(4 log2(L/128) + 4) x (log2(T)+1) x (log2(B)+1) prefill programs and log2(C/16)+1 x log2(B)+1 x
+log2(C/64)+1 decode programs (cache length, batch, and the span of slots attention reads, a power of two
+>= 64 covering the longest active row), one per combination it meets.
+
+Each row's prompt sits at cache slots 0..len-1 (padding after it is marked invalid and overwritten as the
+row grows), so rows of different lengths decode side by side at their own positions, and a server can
+put a new request into any free row (continuous batching: `Engine.join`). The first token after a prefill
+is drawn by a jitted program too (`Engine.first_token`), shared by `generate` and the server.
+"""
+from __future__ import annotations
+
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from internvl_jax.model.internvl import InternVL, check_vocab, merge_image_features
+from internvl_jax.model.layers import kv_storage, wide_products
+from internvl_jax.inference.sampling import Sampling, sample, settings_arrays, token_logp
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def length_bucket(n: int) -> int:
+  """Prompt-length bucket: powers of two up to 128 (at least 16), then four steps per octave (128, 160,
+  192, 224, 256, 320, ...), so padding wastes at most 25% of a prefill instead of up to 50%."""
+  n = max(int(n), 16)
+  if n <= 128:
+    return bucket(n)
+  step = bucket(n) // 8  # n lies in (4 * step, 8 * step]
+  return -(-n // step) * step
+
+
+def init_cache(cfg, batch: int, length: int):
+  """An empty KV cache: per-layer keys [batch, kv_heads, head_dim, length] and values [batch, kv_heads,
+  length, head_dim] (see qwen3.Attention) with elements as `layers.kv_storage` keeps them, slot validity,
+  and each row's next write slot."""
+  t = cfg.text
+  zeros = lambda *shape: tuple(jnp.zeros(shape, kv_storage(cfg.compute_dtype)) for _ in range(t.num_layers))
+  return {"k": zeros(batch, t.num_kv_heads, t.head_dim, length),
+          "v": zeros(batch, t.num_kv_heads, length, t.head_dim), "valid": jnp.zeros((batch, length), bool),
+          "index": jnp.zeros((batch,), jnp.int32)}
+
+
+class Engine:
+  """The jitted prefill / first-token / decode / join programs of one model structure. Parameters are passed
+  per call (`state = nnx.state(model)`), so a model that is being trained generates with its current weights."""
+
+  def __init__(self, model: InternVL):
+    self.cfg = model.cfg
+    self.graphdef = nnx.graphdef(model)
+    # Where products take the wide (CPU) form, one bfloat16 row still runs on a matrix-vector path ~8x slower
+    # than two rows (which run on AVX512-BF16), so bfloat16 prefills and decodes at least two rows there (the
+    # spare one inactive)
+    self.min_batch = 2 if wide_products() and self.cfg.compute_dtype == jnp.bfloat16 else 1
+    self._prefill = jax.jit(self._prefill_impl, donate_argnums=(4,))
+    self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("span",))
+    self._first = jax.jit(self._pick, donate_argnums=(1,))
+    self._join = jax.jit(self._join_impl, donate_argnums=(0, 1, 2))
+
+  # ------------------------------------------------------------------------------- jitted programs
+
+  def _prefill_impl(self, state, ids, mask, pixels, cache):
+    model = nnx.merge(self.graphdef, state)
+    lm = model.language_model
+    embeds = lm.embed(ids)
+    if pixels is not None:
+      feats = model.image_features(pixels)
+      embeds = merge_image_features(embeds, ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id,
+                                    check=False)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
+    logits, _, cache = lm(embeds, positions, mask.astype(jnp.int32), cache=cache, logits_at=last,
+                          span=min(ids.shape[1], cache["valid"].shape[1]))
+    return logits[:, 0].astype(jnp.float32), cache
+
+  def _decode_impl(self, state, tokens, cache, seen, active, key, settings, span):
+    model = nnx.merge(self.graphdef, state)
+    lm = model.language_model
+    embeds = lm.embed(tokens[:, None])
+    positions = cache["index"][:, None]
+    logits, _, cache = lm(embeds, positions, active[:, None].astype(jnp.int32), cache=cache,
+                          logits_at=jnp.zeros_like(tokens), span=span)
+    nxt, seen, logp = self._pick(logits[:, 0].astype(jnp.float32), seen, key, settings)
+    return nxt, cache, seen, logp
+
+  def _pick(self, logits, seen, key, settings):
+    """The next token of every row from its logits, marked as seen, with its log-prob."""
+    nxt = sample(logits, key, seen, *settings)
+    seen = seen.at[jnp.arange(nxt.shape[0]), nxt].set(True)
+    return nxt, seen, token_logp(logits, nxt)
+
+  def _join_impl(self, cache, tokens, seen, one, row, first, first_seen):
+    """Row 0 of a prefilled request (its cache, first token and seen row) into row `row` of a running batch."""
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small[:1].astype(big.dtype), row, axis=0)
+    return jax.tree.map(put, cache, one), tokens.at[row].set(first[0]), seen.at[row].set(first_seen[0])
+
+  # ------------------------------------------------------------------------------- host side
+
+  def prefill(self, state, rows: list[np.ndarray], pixel_values, cache_len: int):
+    """rows: token id arrays (unpadded); pixel_values: all tiles in row order, or None.
+    -> (last-position logits [B_bucket, V], cache, B_bucket)."""
+    b = max(bucket(len(rows)), self.min_batch)
+    longest = max(len(r) for r in rows)
+    if longest > cache_len:
+      raise ValueError(f"a prompt of {longest} tokens does not fit a cache of {cache_len} slots")
+    t = min(length_bucket(longest), cache_len)
+    ids = np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.int32)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    n_img = int(np.sum(ids == self.cfg.image_token_id))
+    n_tiles = 0 if pixel_values is None else len(pixel_values)
+    if n_img != n_tiles * self.cfg.tokens_per_tile:
+      raise ValueError(f"<IMG_CONTEXT> count mismatch: the prompts hold {n_img} image tokens but pixel_values "
+                       f"give {n_tiles} tiles x {self.cfg.tokens_per_tile} tokens")
+    pixels = None
+    if n_tiles:
+      pixels = np.zeros((bucket(n_tiles),) + tuple(pixel_values.shape[1:]), np.float32)
+      pixels[:n_tiles] = pixel_values
+    cache = init_cache(self.cfg, b, cache_len)
+    logits, cache = self._prefill(state, jnp.asarray(ids), jnp.asarray(mask), pixels, cache)
+    return logits, cache, b
+
+  def decode(self, state, tokens, cache, seen, active, key, settings, longest: int):
+    """One token for every row -> (tokens [b], cache, seen, their log-probs [b] (`token_logp`)). `longest` =
+    the largest cache index of an active row before this step (the host knows it), rounded up to a bucket so
+    attention reads only the slots in use."""
+    span = min(cache["valid"].shape[1], bucket(longest + 1, 64))
+    return self._decode(state, tokens, cache, seen, active, key, settings, span=span)
+
+  def first_token(self, logits, rows: list[np.ndarray], key, settings):
+    """The token after a prefill of `rows` (the prompts' ids, as given to `prefill`), drawn as the decode
+    step draws -> (tokens [b], seen [b, V]: each row's prompt and new token, for the repetition penalty,
+    log-probs [b]). Jitted like the other programs: eager sampling would compile its lax.conds anew on
+    every call."""
+    seen = np.zeros((logits.shape[0], self.cfg.text.vocab_size), bool)
+    for i, r in enumerate(rows):
+      seen[i, r] = True
+    return self._first(logits, jnp.asarray(seen), key, settings)
+
+  def join(self, cache, tokens, seen, one, row: int, first, first_seen):
+    """Continuous batching: put a prefilled request (`one` from `prefill`, its first token and seen table
+    from `first_token`) into row `row` of the running batch's (cache, tokens, seen), all donated."""
+    return self._join(cache, tokens, seen, one, jnp.int32(row), first, first_seen)
+
+
+_ENGINES: "weakref.WeakKeyDictionary[InternVL, Engine]" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model: InternVL) -> Engine:
+  """One Engine per model object, so repeated generate() calls reuse its compiled programs."""
+  if model not in _ENGINES:
+    _ENGINES[model] = Engine(model)
+  return _ENGINES[model]
+
+
+def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=None, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+             seed: int = 0, eos_token_ids=(151645,), pad_token_id: int = 151643, stream=None,
+             stop=None, return_logps: bool = False, engine: Engine | None = None):
+  """New token ids [batch, new_tokens]; after a row stops (an eos id, or `stop`), the rest is pad_token_id.
+  return_logps=True returns (ids, logps): logps [batch, new_tokens] float32, each new token's log-prob under
+  the model's untempered distribution (`token_logp`), 0 after the row stops — the rollout policy's
+  log-probs that RL needs. `engine`: an Engine of the same model structure whose compiled programs to reuse
+  (the RL loop merges a new model object from its current parameters for every rollout batch).
+
+  input_ids [batch, seq] may be left- or right-padded (attention_mask marks real tokens); pixel_values
+  [tiles, H, W, 3] are the tiles of all rows in order. stream(step, tokens [batch]) is called per step;
+  stop(row, new_ids_so_far) -> bool ends a row early (stop strings, in `chat`).
+  """
+  ids = np.asarray(input_ids)
+  mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+  if ids.ndim != 2 or mask.shape != ids.shape:
+    raise ValueError(f"input_ids must be [batch, seq] with a matching attention_mask; got {ids.shape}, {mask.shape}")
+  check_vocab(ids, model.cfg.text.vocab_size)
+  rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
+  engine, state = engine or engine_for(model), nnx.state(model)
+  cache_len = bucket(length_bucket(max(len(r) for r in rows)) + max_new_tokens, 16)
+  logits, cache, b = engine.prefill(state, rows, None if pixel_values is None else np.asarray(pixel_values), cache_len)
+  settings = settings_arrays([Sampling(temperature, top_k, top_p, repetition_penalty)] * len(rows), b)
+  key = jax.random.key(seed)
+  key, sub = jax.random.split(key)
+  tokens, seen, logp = engine.first_token(logits, rows, sub, settings)
+  active = np.arange(b) < len(rows)
+  eos = np.asarray(list(eos_token_ids or ()), np.int32)
+  out = np.full((len(rows), max_new_tokens), pad_token_id, np.int64)
+  out_logps = np.zeros((len(rows), max_new_tokens), np.float32)
+  for step in range(max_new_tokens):
+    host = np.asarray(tokens)
+    out[active[:len(rows)], step] = host[:len(rows)][active[:len(rows)]]
+    if return_logps:
+      out_logps[active[:len(rows)], step] = np.asarray(logp)[:len(rows)][active[:len(rows)]]
+    if stream is not None:
+      stream(step, np.where(active[:len(rows)], host[:len(rows)], pad_token_id))
+    active = active & ~np.isin(host, eos)
+    if stop is not None:
+      for i in np.flatnonzero(active[:len(rows)]):
+        active[i] = not stop(i, out[i, :step + 1])
+    if step == max_new_tokens - 1 or not active.any():
+      break
+    key, sub = jax.random.split(key)
+    longest = max(len(r) for r in rows) + step + 1
+    tokens, cache, seen, logp = engine.decode(state, tokens, cache, seen, jnp.asarray(active), sub, settings,
+                                              longest)
+  return (out, out_logps) if return_logps else out
