@@ -1,5 +1,5 @@
 """Train InternVL: supervised fine-tuning / pre-training (the paper's SFT objective, square-averaged loss), and
-the Cascade RL stages MPO and GSPO (`config.stage`, see internvl_jax/training/rl/stages.py).
+the Cascade RL stages MPO and GSPO (`config.stage`, see internvl_jax/training/stages.py).
 
   python train.py --config=configs/digits.py --workdir=runs/digits
   python train.py --config=configs/internvl3_5_sft.py --workdir=runs/sft --config.optim.lr=1e-5
@@ -42,8 +42,8 @@ def main(argv):
     kw = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
           if v in os.environ}
     jax.distributed.initialize(**kw)
-  from internvl_jax.training import loop as trainer
-  trainer.train(_CONFIG.value, flags.FLAGS.workdir)
+  from internvl_jax.training import stages
+  stages.train(_CONFIG.value, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,16 @@ MoEImpl = Literal["auto", "xla", "pallas"]
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Which implementation runs attention and the MoE experts (`model/backend.py`): one object that every
+  module of the model takes, built from `InternVLConfig`'s three kernel fields."""
+
+  attention: AttentionImpl = "auto"
+  moe: MoEImpl = "auto"
+  interpret: str | None = None  # 'tpu' or 'gpu': that backend's Pallas kernels in interpret mode
+
+
+@dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """InternViT. Defaults are InternViT-300M-448px(-V2_5) (REFERENCE.md §1.1)."""
 
@@ -92,6 +102,10 @@ class InternVLConfig:
   moe_impl: MoEImpl = "auto"
   # 'tpu' or 'gpu': run that backend's Pallas kernels in interpret mode on any device (tests, debugging).
   pallas_interpret: str | None = None
+
+  @property
+  def kernels(self) -> KernelConfig:
+    return KernelConfig(self.attention_impl, self.moe_impl, self.pallas_interpret)
 
   @property
   def tokens_per_tile(self) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.model.internvl import InternVL
 
 VIT_300M = VisionConfig()
 VIT_6B = VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediate_size=12800, norm_type="rms_norm",
@@ -81,7 +82,6 @@ def param_counts(cfg: InternVLConfig) -> dict[str, int]:
   active count and the ViT; gpt-oss advertises 3.6B by leaving the input embedding out, so our 4.5B for
   20B-A4B, 3.7B for 30B-A3B and 27.8B for 241B-A28B each lie within 1B of the name (tests/test_zoo.py).
   """
-  from internvl_jax.model.internvl import InternVL
   model = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
   vision = _size(nnx.state(model.vision_model, nnx.Param))
   projector = _size(nnx.state(model.mlp1, nnx.Param))

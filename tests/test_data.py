@@ -11,7 +11,7 @@ import internvl_jax as ij
 from internvl_jax import data
 from internvl_jax.data import samples as samples_lib
 from internvl_jax.data.packing import Packer
-from internvl_jax.inputs.processor import IGNORE
+from internvl_jax.inputs.labels import IGNORE
 
 L, R = 512, 8  # row budget in tokens and tiles
 

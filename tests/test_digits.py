@@ -9,7 +9,8 @@ from PIL import Image
 
 from internvl_jax.demos import digits
 from internvl_jax.inputs.conversation import INTERNVL_SYSTEM
-from internvl_jax.inputs.processor import IGNORE, Processor
+from internvl_jax.inputs.labels import IGNORE
+from internvl_jax.inputs.processor import Processor
 from internvl_jax.inputs.tokenizer import Tokenizer
 
 SMALL = dict(train_pairs=300, eval_pairs=60)  # the full 3000 pairs only cost time here

@@ -7,7 +7,7 @@ import pytest
 
 import internvl_jax as ij
 from internvl_jax import sharding, zoo
-from internvl_jax.model import dispatch
+from internvl_jax.model import attention, backend
 from conftest import make_batch
 
 
@@ -68,21 +68,27 @@ def test_pallas_model_expert_parallel(models):
 
 
 def test_resolution_and_errors():
-  assert dispatch.resolve("auto", None, allowed=("auto", "xla", "pallas")) == "xla"  # CPU
-  assert dispatch.resolve("auto", "gpu", allowed=("auto", "xla", "pallas")) == "pallas"
+  assert backend.resolve("auto", None, allowed=("auto", "xla", "pallas")) == "xla"  # CPU
+  assert backend.resolve("auto", "gpu", allowed=("auto", "xla", "pallas")) == "pallas"
   with pytest.raises(ValueError, match="Pallas kernels need a TPU or GPU"):
-    dispatch.resolve("pallas", None, allowed=("auto", "xla", "pallas"))
+    backend.resolve("pallas", None, allowed=("auto", "xla", "pallas"))
   with pytest.raises(ValueError, match="cudnn' needs a GPU"):
-    dispatch.resolve("cudnn", None, allowed=("auto", "xla", "pallas", "cudnn"))
+    backend.resolve("cudnn", None, allowed=("auto", "xla", "pallas", "cudnn"))
   with pytest.raises(ValueError, match="unknown implementation"):
-    dispatch.resolve("triton", None, allowed=("auto", "xla", "pallas"))
+    backend.resolve("triton", None, allowed=("auto", "xla", "pallas"))
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_headwise_attention_equals_batched(causal):
   """The CPU's per-(row, kv head) attention gives the batched form's result: GQA, a padded row (whose
   queries see nothing valid), float32 within 1e-5 and bfloat16 within 2e-2."""
-  from internvl_jax.model.layers import decoder_mask, headwise_attention, masked_attention
+  from einops import rearrange
+  decoder_mask = lambda seg, causal: attention.attention_mask(seg, t, t, causal=causal)
+  cache_layout = lambda q, k, v: (q, rearrange(k, "b s k h -> b k h s"), rearrange(v, "b s k h -> b k s h"))
+  masked_attention = lambda q, k, v, mask, scale=None: attention._grouped(*cache_layout(q, k, v), mask,
+                                                                           scale or h ** -0.5)
+  headwise_attention = lambda q, k, v, mask, scale=None: attention._headwise(*cache_layout(q, k, v), mask,
+                                                                             scale or h ** -0.5)
   rng = np.random.default_rng(0)
   b, t, n, kv, h = 2, 37, 8, 2, 16
   q, k, v = (jnp.asarray(rng.standard_normal((b, t, m, h)), jnp.float32) for m in (n, kv, kv))
@@ -96,3 +102,29 @@ def test_headwise_attention_equals_batched(causal):
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
   np.testing.assert_allclose(headwise_attention(q, k, v, None, scale=0.3), masked_attention(q, k, v, None, scale=0.3),
                              atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_attention_with_sliding_window_and_sinks_equals_reference(causal):
+  """`attention.attention` (what GPT-OSS calls) with a sliding window, per-head sinks and packed segments:
+  the XLA path and the Pallas kernel (interpret mode, reached through the same call) both equal
+  `kernels.reference_attention`, on the tokens of real segments."""
+  import kernels
+  from internvl_jax.config import KernelConfig
+  rng = np.random.default_rng(3)
+  b, t, n, kv, h = 2, 40, 4, 2, 16
+  q, k, v = (jnp.asarray(rng.standard_normal((b, t, m, h)), jnp.float32) for m in (n, kv, kv))
+  sinks = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  seg = np.ones((b, t), np.int32)
+  seg[0, 25:] = 2
+  seg[1, 33:] = 0
+  seg = jnp.asarray(seg)
+  kw = dict(causal=causal, segment_ids=seg, sliding_window=8, sinks=sinks)
+  want = np.asarray(kernels.reference_attention(q, k, v, **kw))
+  real = np.asarray(seg) != 0
+  for cfg in (KernelConfig(attention="xla"), KernelConfig(attention="pallas", interpret="tpu")):
+    got = np.asarray(jax.jit(lambda q, k, v: attention.attention(q, k, v, kernels_cfg=cfg, **kw))(q, k, v))
+    np.testing.assert_allclose(got[real], want[real], atol=2e-5, rtol=2e-5, err_msg=str(cfg))
+  no_sink = np.asarray(attention.attention(q, k, v, causal=causal, segment_ids=seg, sliding_window=8,
+                                           kernels_cfg=KernelConfig(attention="xla")))
+  assert np.abs(no_sink[real] - want[real]).max() > 1e-3  # the sinks change the result

@@ -14,7 +14,7 @@ from internvl_jax import sharding
 from internvl_jax.training import evaluation
 from internvl_jax.training import loop as trainer
 from internvl_jax.model.internvl import forward
-from internvl_jax.inputs.processor import IGNORE
+from internvl_jax.inputs.labels import IGNORE
 
 MAX_NEW = 5
 WIDTH = 128  # every forward pass here right-pads its ids to this width: one compilation; causal attention

@@ -1,4 +1,4 @@
-"""Expert parallelism (dispatch.moe_expert_parallel): on 8 simulated devices the MoE layer with its experts
+"""Expert parallelism (moe.moe_expert_parallel): on 8 simulated devices the MoE layer with its experts
 sharded over 'expert' equals the unsharded layer (outputs, load-balancing loss, gradients w.r.t. inputs and
 every weight), the grouped matmul runs per shard (Pallas in interpret mode), the expert weights really are
 split, and the whole tiny-moe model under such a mesh equals one device."""
@@ -10,9 +10,8 @@ from flax import nnx
 
 import internvl_jax as ij
 from internvl_jax import sharding, zoo
-from internvl_jax.model import dispatch
 from internvl_jax.model import moe
-from internvl_jax.config import TextConfig
+from internvl_jax.config import KernelConfig, TextConfig
 from conftest import make_batch
 
 # 8 experts so that an 'expert' axis of 8 shards them too; k = 2; unnormalised top-k weights.
@@ -23,7 +22,7 @@ MESHES = [{"expert": 8}, {"expert": 4, "fsdp": 2}, {"expert": 2, "fsdp": 2, "ten
 
 def layer_grads(mesh, impl="xla", interpret=None, shape=(4, 6), jaxpr=False):
   """(loss, aux loss, y, d state, d x) of sum(y * r) + load-balancing loss; or the jaxpr of its gradient."""
-  layer = moe.MoE(CFG, param_dtype=jnp.float32, impl=impl, interpret=interpret, rngs=nnx.Rngs(0))
+  layer = moe.MoE(CFG, param_dtype=jnp.float32, kernels_cfg=KernelConfig(moe=impl, interpret=interpret), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (*shape, CFG.hidden_size))
   r = jax.random.normal(jax.random.key(2), x.shape)
@@ -121,9 +120,9 @@ def test_expert_weights_are_sharded():
     assert {s.data.shape[0] for s in w.addressable_shards} == {e // 4}
     assert len({s.index[0].start for s in w.addressable_shards}) == 4  # four different slices of the experts
   with jax.set_mesh(mesh):
-    assert dispatch.expert_parallel_size(e) == 4
+    assert moe.expert_parallel_size(e) == 4
   with jax.set_mesh(sharding.make_mesh({"expert": 8})):
-    assert dispatch.expert_parallel_size(e) == 1  # 8 shards cannot split 4 experts: the token-sharded path
+    assert moe.expert_parallel_size(e) == 1  # 8 shards cannot split 4 experts: the token-sharded path
 
 
 @pytest.mark.parametrize("mesh_shape", [{"expert": 4, "fsdp": 2}, {"expert": 2, "data": 2, "tensor": 2}])

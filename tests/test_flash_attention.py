@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.flash_attention import BlockSizes, flash_attention, reference_attention
+from kernels.attention import BlockSizes, flash_attention, reference_attention
 
 BLOCKS = BlockSizes(16, 16, 16, 16)  # small blocks: several per sequence, ragged tails
 CASES = {
@@ -132,7 +132,7 @@ def test_lowers_for_its_platform(backend, name, monkeypatch):
   """Forward, dq and dk/dv kernels (default block sizes unless given) lower to a Mosaic / Triton custom call from
   this CPU (the step that enforces Mosaic's block tiling and Triton's op support); the device compile is
   not run. The private entry point skips the platform check that the public one makes."""
-  lib = importlib.import_module("kernels.flash_attention")
+  lib = importlib.import_module("kernels.attention.ops")
   tpu_info = importlib.import_module("jax._src.pallas.mosaic.tpu_info")
   # Mosaic asks which TPU it lowers for; answer for the CPU device as if it were a v5e.
   monkeypatch.setitem(tpu_info.registry, "cpu",

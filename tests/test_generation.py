@@ -155,7 +155,7 @@ def test_bfloat16_decode_follows_the_full_forward(hf_checkpoint):
     for i in range(batch):
       prompt = ids[i][mask[i] == 1]
       seq = np.concatenate([prompt, new[i]])[None]
-      logits = model(seq, pixels[tiles[i]:tiles[i + 1]] if tiles[i + 1] > tiles[i] else None)
+      logits = model(seq, pixels[tiles[i]:tiles[i + 1]] if tiles[i + 1] > tiles[i] else None).logits
       full = np.asarray(jax.nn.log_softmax(logits[0, len(prompt) - 1:-1].astype(np.float32), axis=-1))
       np.testing.assert_allclose(logps[i], full[np.arange(16), new[i]], atol=0.05, err_msg=f"batch {batch} row {i}")
       top2 = np.sort(full, axis=-1)[:, -2:]

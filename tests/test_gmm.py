@@ -125,7 +125,7 @@ def test_tgmm(backend):
 def test_visit_list(for_tgmm):
   """Each row of a group is owned by exactly one visit of its tile; the list is in order and fits the
   static bound; gmm visits every row tile, tgmm every group."""
-  visits = importlib.import_module("kernels.gmm")._visits
+  visits = importlib.import_module("kernels.gmm.common")._visits
   rng = np.random.RandomState(3)
   tm, num_tiles = 8, 7
   m = tm * num_tiles - 3
@@ -156,7 +156,7 @@ def test_lowers_for_its_platform(backend, dtype):
   """Forward and backward kernels, default tiles, lower to a Mosaic / Triton custom call from this CPU (the
   step that rejects unsupported ops and non-power-of-two Triton shapes); the device compile is not run. The
   private entry point skips the platform check that the public one makes."""
-  gmm_lib = importlib.import_module("kernels.gmm")
+  gmm_lib = importlib.import_module("kernels.gmm.ops")
   static = gmm_lib._static(backend, False, None, dtype)
   loss = lambda a, b, g: jnp.sum(gmm_lib._gmm_vjp(a, b, g, static).astype(jnp.float32))
   spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)

@@ -97,7 +97,7 @@ def test_remat_gives_the_same_gradients():
     model = ij.init_model(zoo.get("tiny-dense").replace(remat=remat), seed=2)
 
     def loss(m):
-      return jnp.mean(m(ids, pixels, mask) ** 2)
+      return jnp.mean(m(ids, pixels, mask).logits ** 2)
 
     return nnx.state(nnx.jit(nnx.grad(loss))(model), nnx.Param)
 

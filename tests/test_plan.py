@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from internvl_jax import sharding, zoo
+from internvl_jax.config import KernelConfig
 from internvl_jax.training import optim
 from internvl_jax.training import plan
 from internvl_jax.training import sft
@@ -87,8 +88,8 @@ def test_decoder_sets_equal_the_saved_residuals(moe, monkeypatch):
   """plan's 'none' set (+ the layer's compute-dtype weight casts) and 'save_dots' set against the residuals
   JAX keeps for a bfloat16 DecoderLayer (XLA attention, so the scores are part of it). The batched XLA form
   is what runs under a training mesh; the CPU's single-device head-wise form saves other residuals."""
-  monkeypatch.setattr("internvl_jax.model.layers.headwise_pays", lambda: False)
-  monkeypatch.setattr("internvl_jax.model.layers.wide_products", lambda: False)  # the accelerators' form, as plan models
+  monkeypatch.setattr("internvl_jax.model.backend.headwise_pays", lambda: False)
+  monkeypatch.setattr("internvl_jax.model.backend.wide_products", lambda: False)  # the accelerators' form, as plan models
   from internvl_jax.model import qwen3
   from internvl_jax.config import TextConfig
   from internvl_jax.model.layers import remat_policy
@@ -98,12 +99,12 @@ def test_decoder_sets_equal_the_saved_residuals(moe, monkeypatch):
     kw.update(arch="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
   t, (b, length) = TextConfig(**kw), (2, 64)
   layer = qwen3.DecoderLayer(t, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
-                             kernels=dict(attention_impl="xla", moe_impl="xla", interpret=None))
+                             kernels_cfg=KernelConfig(attention="xla", moe="xla"))
   graphdef, state = nnx.split(layer)
   pos, seg = jnp.zeros((b, length), jnp.int32), jnp.ones((b, length), jnp.int32)
 
   def f(state, x):
-    y, stats = nnx.merge(graphdef, state)(x, pos, seg)
+    y, stats, _ = nnx.merge(graphdef, state)(x, pos, seg)
     return jnp.sum(y.astype(jnp.float32)) + (0 if stats is None else jnp.sum(stats[1]))
   x = jnp.zeros((b, length, t.hidden_size), jnp.bfloat16)
   _, none, dots = plan._decoder_sets(t, b, length, 2, "xla")
@@ -116,12 +117,12 @@ def test_decoder_sets_equal_the_saved_residuals(moe, monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-6b"])
 def test_vit_sets_equal_the_saved_residuals(name, monkeypatch):
-  monkeypatch.setattr("internvl_jax.model.layers.headwise_pays", lambda: False)  # as in the decoder test
-  monkeypatch.setattr("internvl_jax.model.layers.wide_products", lambda: False)
+  monkeypatch.setattr("internvl_jax.model.backend.headwise_pays", lambda: False)  # as in the decoder test
+  monkeypatch.setattr("internvl_jax.model.backend.wide_products", lambda: False)
   from internvl_jax.model import intern_vit
   from internvl_jax.model.layers import remat_policy
   v = zoo.get(name).vision
-  layer = intern_vit.InternViTLayer(v, 0.0, param_dtype=jnp.float32, impl="xla", rngs=nnx.Rngs(0))
+  layer = intern_vit.InternViTLayer(v, 0.0, param_dtype=jnp.float32, kernels_cfg=KernelConfig(attention="xla"), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(layer)
   f = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x).astype(jnp.float32))
   x = jnp.zeros((3, 1 + v.grid ** 2, v.hidden_size), jnp.bfloat16)

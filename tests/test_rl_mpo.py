@@ -103,12 +103,12 @@ def _gspo_setup(mesh_shape, policy_loss="gspo"):
   rewards = np.array([1, 0, 0, 1, 1, 1, 0, 0], np.float32).reshape(2, 4)
   batch["advantages"] = np.asarray(losses.group_advantages(rewards)).reshape(-1)
   with jax.set_mesh(mesh):
-    old, _ = jax.jit(lambda p, b: mpo.policy_token_logps(nnx.merge(graphdef, p, rest), b))(params, batch)
+    old, _ = jax.jit(lambda p, b: losses.policy_token_logps(nnx.merge(graphdef, p, rest), b))(params, batch)
   batch["old_logps"] = np.asarray(old)
   batch_sh = sft.batch_sharding(mesh, batch)
   step = gspo.make_gspo_step(graphdef, rest, tx, mesh, state_sh, batch_sh, policy_loss=policy_loss)
   forward = jax.jit(lambda p, f, b: nnx.merge(graphdef, p, f, rest)(
-      b["input_ids"], b["pixel_values"], position_ids=b["position_ids"], segment_ids=b["segment_ids"]))
+      b["input_ids"], b["pixel_values"], position_ids=b["position_ids"], segment_ids=b["segment_ids"]).logits)
   logits = lambda params, frozen: np.asarray(sft.under_mesh(forward, mesh)(params, frozen, batch), np.float64)
   return state, step, jax.device_put(batch, batch_sh), batch, logits
 

@@ -18,8 +18,8 @@ from internvl_jax.data import load_records
 from internvl_jax.inference.engine import Engine
 from internvl_jax.model.internvl import init_model
 from internvl_jax.training.metrics import read_losses
-from internvl_jax.inputs.processor import IGNORE
-from internvl_jax.training.rl import gspo, losses, mpo, pairs, rollout
+from internvl_jax.inputs.labels import IGNORE
+from internvl_jax.training.rl import gspo, losses, pairs, rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_rollout_logps_are_the_train_steps_logps(data, parts):
   assert np.all(batch["labels"][0, :n_p] == IGNORE) and np.all(batch["labels"][0, n_p + n_r:] == IGNORE)
   np.testing.assert_array_equal(batch["labels"][0, n_p:n_p + n_r], rolls.ids[2, 0, :n_r])
 
-  tok_logps, mask = mpo.policy_token_logps(model, {k: batch[k] for k in gspo.BATCH_KEYS})
+  tok_logps, mask = losses.policy_token_logps(model, {k: batch[k] for k in gspo.BATCH_KEYS})
   mask = np.asarray(mask)
   assert mask.sum() == rolls.lengths[[2, 0]].sum()
   np.testing.assert_allclose(np.asarray(tok_logps)[mask], batch["old_logps"][mask], atol=2e-5, rtol=1e-5)
@@ -211,7 +211,6 @@ def _round_config(max_draws, group=4):
 def _scripted_rounds(monkeypatch, script):
   """Replaces the sampler: draw d answers prompt p of its pick correctly script[d][p] times out of G (the
   first ones), so the accuracy filter's decisions are known. -> the list of draws made."""
-  from internvl_jax.training.rl import stages
   calls = []
 
   def sample(model, engine, processor, questions, *, group_size, **kw):
@@ -224,7 +223,7 @@ def _scripted_rounds(monkeypatch, script):
     calls.append([q["id"] for q in questions])
     return out
 
-  monkeypatch.setattr(stages.rollout, "sample", sample)
+  monkeypatch.setattr(gspo.rollout, "sample", sample)
   return calls
 
 
@@ -235,9 +234,8 @@ NO_RUN = SimpleNamespace(processor=None)  # the scripted sampler needs no proces
 def test_gspo_round_draws_until_enough_prompts_pass(monkeypatch):
   """need = mini_batches x batch_size = 4 prompts with rollout accuracy in [0.2, 0.8]: 2 + 1 + 2 kept over the
   draws, so the round stops after the third of up to five draws, the kept ones in draw order."""
-  from internvl_jax.training.rl import stages
   calls = _scripted_rounds(monkeypatch, [[2, 4, 1], [0, 3, 4], [1, 0, 3], [2, 2, 2]])
-  groups, metrics = stages._rollout_round(_round_config(max_draws=5), NO_RUN, None, None, QUESTIONS, 0)
+  groups, metrics = gspo._rollout_round(_round_config(max_draws=5), NO_RUN, None, None, QUESTIONS, 0)
   assert len(calls) == 3 and metrics["draws"] == 3 and metrics["kept_prompts"] == 4
   assert [(r.draw, i) for r, i, _ in groups] == [
       (0, 0), (0, 2), (1, 1), (2, 0)]
@@ -251,9 +249,8 @@ def test_gspo_round_draws_until_enough_prompts_pass(monkeypatch):
 def test_gspo_round_stops_at_max_draws_and_fills_with_zero_advantage(monkeypatch):
   """One prompt in range per draw: after max_draws = 2 draws 2 of the 4 needed are kept and the rest is filled
   with the first out-of-range prompts (all right or all wrong: equal rewards, advantage exactly 0)."""
-  from internvl_jax.training.rl import stages
   calls = _scripted_rounds(monkeypatch, [[4, 2, 0], [0, 4, 3], [2, 2, 2]])
-  groups, metrics = stages._rollout_round(_round_config(max_draws=2), NO_RUN, None, None, QUESTIONS, 1)
+  groups, metrics = gspo._rollout_round(_round_config(max_draws=2), NO_RUN, None, None, QUESTIONS, 1)
   assert len(calls) == 2 and metrics["draws"] == 2 and metrics["kept_prompts"] == 2
   order = [(r.draw, i) for r, i, _ in groups]
   assert order == [(0, 1), (1, 2), (0, 0), (0, 2)]  # kept first, then fillers in draw order

@@ -1,9 +1,11 @@
 """train.py end to end on a small digits set: a run killed with SIGKILL and resumed by rerunning the same
 command follows the uninterrupted run's loss curve exactly; the export is read by from_pretrained and the
 Processor; config overrides; the console line, metrics.jsonl and TensorBoard files; samples whose image is
-missing are skipped, and counted and reported as a replay of the data pipeline counts them."""
+missing are skipped, and counted and reported as a replay of the data pipeline counts them; the console shows
+our lines and none of orbax's INFO lines."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,3 +137,48 @@ def test_config_files_load(name):
   sys.path.insert(0, ROOT)
   cfg = importlib.import_module(f"configs.{name}").get_config()
   assert cfg.optim.lr > 0 and cfg.steps > 0 and set(cfg.trainable) <= {"vision_model", "mlp1", "language_model"}
+
+
+ABSL_INFO = re.compile(r"^I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ (\S+):\d+\]", re.M)  # absl's INFO line prefix
+
+
+def test_console_shows_progress_not_orbax_info(digits_dir, tmp_path):
+  """A run that saves checkpoints, then its resume that restores one: the console holds our progress lines
+  and none of orbax's INFO lines (dozens per save: checkpoint_manager.py, atomicity.py, ...)."""
+  workdir = str(tmp_path / "w")
+
+  def run(steps):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs/digits.py"),
+           f"--workdir={workdir}", f"--config.data_root={digits_dir}", f"--config.steps={steps}",
+           "--config.batch_size=2", "--config.data.max_tokens=64", "--config.data.max_tiles_per_row=1",
+           "--config.checkpoint.every=1", "--config.log_every=1", "--config.eval.meta=", "--config.export=",
+           "--config.tensorboard=False"]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, done.stderr
+
+  for steps in (2, 3):  # saves, then restores and saves
+    out, err = run(steps)
+    assert f"step {steps}/{steps}  loss" in out
+    assert ("resumed from" in out) == (steps == 3)
+    info = ABSL_INFO.findall(out + "\n" + err)
+    assert not info, f"absl INFO lines on the console, from {sorted(set(info))}"
+    assert "checkpoint_manager" not in out + err and "atomicity" not in out + err
+
+
+def test_orbax_filter_keeps_warnings_and_our_records():
+  """orbax's INFO records are dropped; its warnings and errors, and every record of ours, pass."""
+  import logging
+  import orbax.checkpoint as ocp
+  from internvl_jax.training import loop
+  orbax_file = os.path.join(os.path.dirname(ocp.__file__), "checkpoint_manager.py")
+  ours = os.path.join(ROOT, "internvl_jax", "training", "loop.py")
+
+  def record(level, path, name="absl"):
+    return logging.LogRecord(name, level, path, 1, "message", None, None)
+
+  keep = loop.OrbaxInfoFilter().filter
+  assert not keep(record(logging.INFO, orbax_file)) and not keep(record(logging.DEBUG, orbax_file))
+  assert not keep(record(logging.INFO, "x.py", name="orbax.checkpoint"))
+  assert keep(record(logging.WARNING, orbax_file)) and keep(record(logging.ERROR, orbax_file))
+  assert keep(record(logging.INFO, ours)) and keep(record(logging.INFO, ours, name="internvl_jax.training.loop"))

@@ -26,6 +26,27 @@ def test_pixel_shuffle_matches_reference(scale, grid):
   np.testing.assert_array_equal(np.asarray(pixel_shuffle(jnp.asarray(x), scale)), ref)
 
 
+def numpy_pixel_shuffle_v2(x, scale):
+  """The same official view/permute sequence (REFERENCE.md §2.3) transcribed in numpy; numpy's reshape of a
+  transposed array copies in C order, as torch's `.contiguous().view` does."""
+  n, w, h, c = x.shape
+  x = x.reshape(n, w, int(h * scale), int(c / scale)).transpose(0, 2, 1, 3)
+  x = x.reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+  return x.transpose(0, 2, 1, 3)  # ps_version 'v2'
+
+
+@pytest.mark.parametrize("scale,shape", [(0.5, (2, 6, 10, 3)), (0.5, (1, 4, 2, 7)), (0.25, (3, 8, 12, 5)),
+                                         (0.25, (1, 4, 16, 2))])
+def test_pixel_shuffle_matches_numpy_reference_non_square(scale, shape):
+  x = np.random.RandomState(2).randn(*shape).astype(np.float32)
+  ref = numpy_pixel_shuffle_v2(x, scale)
+  out = np.asarray(pixel_shuffle(jnp.asarray(x), scale))
+  r = int(1 / scale)
+  assert out.shape == ref.shape == (shape[0], shape[1] // r, shape[2] // r, shape[3] * r * r)
+  np.testing.assert_array_equal(out, ref)
+  np.testing.assert_array_equal(out, np.asarray(pixel_shuffle(x, scale)))  # numpy input, same result
+
+
 def test_pixel_shuffle_neighbourhood_layout():
   """output[i, j] = concat over (dr, dc) of x[2i+dr, 2j+dc] (REFERENCE.md §2.3)."""
   x = np.random.RandomState(1).randn(1, 4, 4, 3).astype(np.float32)

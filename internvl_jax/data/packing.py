@@ -15,7 +15,7 @@ import collections
 import numpy as np
 
 from internvl_jax.data.samples import Sample, from_uint8
-from internvl_jax.inputs.processor import IGNORE
+from internvl_jax.inputs.labels import IGNORE
 
 
 class _Row:

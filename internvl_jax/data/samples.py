@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from internvl_jax.inputs import dynamic_resolution as dr
-from internvl_jax.inputs.processor import IGNORE
+from internvl_jax.inputs.labels import IGNORE
 
 REASONS = ("missing_file", "corrupt_media", "bad_record", "too_long", "too_many_tiles", "no_targets", "error")
 

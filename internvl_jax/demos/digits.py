@@ -33,6 +33,8 @@ from PIL import Image
 
 from internvl_jax.training import evaluation
 from internvl_jax.inputs.conversation import IMG_CONTEXT, IMG_END, IMG_START, get_template, image_tokens
+from internvl_jax.inputs.processor import Processor
+from internvl_jax.inputs.tokenizer import Tokenizer
 
 SINGLE_QUESTION = "<image>\nWhich digit is this?"
 SUM_QUESTION = "<image>\nWhat is the sum of the two digits?"
@@ -235,8 +237,6 @@ extract_answer, score, accuracy_table = evaluation.extract_answer, evaluation.fi
 
 def sequence_lengths(info: dict, *, tokens_per_tile: int = 16) -> dict:
   """Tokens of the first training sample of each kind through the Processor (one tile of image_px)."""
-  from internvl_jax.inputs.processor import Processor
-  from internvl_jax.inputs.tokenizer import Tokenizer
   processor = Processor(Tokenizer.from_pretrained(info["tokenizer_dir"]), tokens_per_tile=tokens_per_tile,
                         tile_size=info["image_px"], max_tiles=1, use_thumbnail=False)
   out = {}

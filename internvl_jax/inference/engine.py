@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from internvl_jax.model.internvl import InternVL, check_vocab, merge_image_features
-from internvl_jax.model.layers import kv_storage, wide_products
+from internvl_jax.model import backend
+from internvl_jax.model.internvl import InternVL, check_vocab
 from internvl_jax.inference.sampling import Sampling, sample, settings_arrays, token_logp
 
 
@@ -44,10 +44,10 @@ def length_bucket(n: int) -> int:
 
 def init_cache(cfg, batch: int, length: int):
   """An empty KV cache: per-layer keys [batch, kv_heads, head_dim, length] and values [batch, kv_heads,
-  length, head_dim] (see qwen3.Attention) with elements as `layers.kv_storage` keeps them, slot validity,
+  length, head_dim] (see model/attention.py) with elements as `backend.kv_storage` keeps them, slot validity,
   and each row's next write slot."""
   t = cfg.text
-  zeros = lambda *shape: tuple(jnp.zeros(shape, kv_storage(cfg.compute_dtype)) for _ in range(t.num_layers))
+  zeros = lambda *shape: tuple(jnp.zeros(shape, backend.kv_storage(cfg.compute_dtype)) for _ in range(t.num_layers))
   return {"k": zeros(batch, t.num_kv_heads, t.head_dim, length),
           "v": zeros(batch, t.num_kv_heads, length, t.head_dim), "valid": jnp.zeros((batch, length), bool),
           "index": jnp.zeros((batch,), jnp.int32)}
@@ -60,10 +60,7 @@ class Engine:
   def __init__(self, model: InternVL):
     self.cfg = model.cfg
     self.graphdef = nnx.graphdef(model)
-    # Where products take the wide (CPU) form, one bfloat16 row still runs on a matrix-vector path ~8x slower
-    # than two rows (which run on AVX512-BF16), so bfloat16 prefills and decodes at least two rows there (the
-    # spare one inactive)
-    self.min_batch = 2 if wide_products() and self.cfg.compute_dtype == jnp.bfloat16 else 1
+    self.min_batch = backend.min_batch(self.cfg.compute_dtype)
     self._prefill = jax.jit(self._prefill_impl, donate_argnums=(4,))
     self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("span",))
     self._first = jax.jit(self._pick, donate_argnums=(1,))
@@ -73,27 +70,22 @@ class Engine:
 
   def _prefill_impl(self, state, ids, mask, pixels, cache):
     model = nnx.merge(self.graphdef, state)
-    lm = model.language_model
-    embeds = lm.embed(ids)
-    if pixels is not None:
-      feats = model.image_features(pixels)
-      embeds = merge_image_features(embeds, ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id,
-                                    check=False)
+    embeds = model.embed_inputs(ids, pixels, checked=True)  # `prefill` checked the count; tiles are padded
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
-    logits, _, cache = lm(embeds, positions, mask.astype(jnp.int32), cache=cache, logits_at=last,
-                          span=min(ids.shape[1], cache["valid"].shape[1]))
-    return logits[:, 0].astype(jnp.float32), cache
+    out = model.language_model(embeds, positions, mask.astype(jnp.int32), cache=cache, logits_at=last,
+                               span=min(ids.shape[1], cache["valid"].shape[1]))
+    return out.logits[:, 0].astype(jnp.float32), out.cache
 
   def _decode_impl(self, state, tokens, cache, seen, active, key, settings, span):
     model = nnx.merge(self.graphdef, state)
     lm = model.language_model
     embeds = lm.embed(tokens[:, None])
     positions = cache["index"][:, None]
-    logits, _, cache = lm(embeds, positions, active[:, None].astype(jnp.int32), cache=cache,
-                          logits_at=jnp.zeros_like(tokens), span=span)
-    nxt, seen, logp = self._pick(logits[:, 0].astype(jnp.float32), seen, key, settings)
-    return nxt, cache, seen, logp
+    out = lm(embeds, positions, active[:, None].astype(jnp.int32), cache=cache, logits_at=jnp.zeros_like(tokens),
+             span=span)
+    nxt, seen, logp = self._pick(out.logits[:, 0].astype(jnp.float32), seen, key, settings)
+    return nxt, out.cache, seen, logp
 
   def _pick(self, logits, seen, key, settings):
     """The next token of every row from its logits, marked as seen, with its log-prob."""

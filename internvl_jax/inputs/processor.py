@@ -1,5 +1,5 @@
 """Processor: chat messages with images and videos -> input_ids, attention_mask, pixel_values and, for
-training, labels (official `preprocess_internvl2_5` masking) and square-averaging loss weights.
+training, labels (official `preprocess_internvl2_5` masking) and square-averaging loss weights (`labels.py`).
 
 Messages are `{'role': 'system'|'user'|'assistant', 'content': ...}` or InternVL's data format
 `{'from': 'system'|'human'|'gpt', 'value': ...}`. Content is a string with `<image>` / `<video>`
@@ -14,26 +14,19 @@ silently re-tokenized.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
 import numpy as np
 
 from internvl_jax.inputs import dynamic_resolution as dr
+from internvl_jax.inputs import labels as labels_lib
 from internvl_jax.inputs import video as video_lib
 from internvl_jax.inputs.conversation import IMG_CONTEXT, IMG_END, IMG_START, THINKING_SYSTEM, get_template, image_tokens
 from internvl_jax.inputs.tokenizer import Tokenizer
 
-IGNORE = -100
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 _PLACEHOLDER = re.compile(r"<image>|<video>")
-
-
-def loss_weights(labels: np.ndarray) -> np.ndarray:
-  """Square averaging (REFERENCE.md §6.1): 1/sqrt(N) on each of the sample's N supervised tokens, 0 elsewhere."""
-  n = int(np.sum(labels != IGNORE))
-  return np.where(labels != IGNORE, 1.0 / math.sqrt(n) if n else 0.0, 0.0).astype(np.float32)
 
 
 class Processor:
@@ -63,6 +56,7 @@ class Processor:
   @classmethod
   def from_pretrained(cls, path: str, **overrides) -> "Processor":
     """Tokenizer and image settings of a checkpoint folder; checks the tokenizer against the model config."""
+    # checkpoint/ imports the model (JAX); the processor, which data workers use, does not need it otherwise
     from internvl_jax.checkpoint.pretrained import load_config
     cfg, _ = load_config(path)
     tokenizer = Tokenizer.from_pretrained(path)
@@ -214,16 +208,16 @@ class Processor:
       if turn.role == "assistant":
         head = len(self.tokenizer.encode(turn.header))
         tail = len(self.tokenizer.encode(turn.trailer)) if turn.trailer else 0
-        labels += [IGNORE] * head + t[head:len(t) - tail] + [IGNORE] * tail
+        labels += [labels_lib.IGNORE] * head + t[head:len(t) - tail] + [labels_lib.IGNORE] * tail
       else:
-        labels += [IGNORE] * len(t)
+        labels += [labels_lib.IGNORE] * len(t)
     if max_length is not None and len(ids) > max_length:
       raise ValueError(f"sample has {len(ids)} tokens, more than max_length={max_length}")
     out = {"input_ids": np.asarray(ids, np.int32), "attention_mask": np.ones(len(ids), np.int32),
            "pixel_values": np.concatenate(tiles) if tiles else None, "num_tiles": np.asarray(counts, np.int32)}
     if train:
       out["labels"] = np.asarray(labels, np.int32)
-      out["loss_weights"] = loss_weights(out["labels"])
+      out["loss_weights"] = labels_lib.loss_weights(out["labels"])
     return out
 
   def text(self, messages, **kw) -> str:
@@ -237,7 +231,7 @@ def pad_batch(samples: list[dict], pad_id: int, *, side: str = "right") -> dict:
   if side not in ("left", "right"):
     raise ValueError(f"side must be 'left' or 'right', got {side!r}")
   width = max(len(s["input_ids"]) for s in samples)
-  fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE, "loss_weights": 0.0}
+  fill = {"input_ids": pad_id, "attention_mask": 0, "labels": labels_lib.IGNORE, "loss_weights": 0.0}
   out = {}
   for key, value in fill.items():
     if key not in samples[0]:

@@ -11,10 +11,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
-from internvl_jax.config import VisionConfig
-from internvl_jax.model import dispatch
+from internvl_jax.config import KernelConfig, VisionConfig
+from internvl_jax.model import attention
 from internvl_jax.model.layers import call_layer, dense, gelu, make_norm, param
 from internvl_jax.sharding import constrain
 
@@ -65,10 +66,9 @@ def drop_path(x, rate: float, rng):
 
 class InternViTAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, param_dtype, impl: str = "auto", interpret: str | None = None,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, param_dtype, kernels_cfg: KernelConfig = KernelConfig(), rngs: nnx.Rngs):
     d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    self.cfg, self.impl, self.interpret = cfg, impl, interpret
+    self.cfg, self.kernels_cfg = cfg, kernels_cfg
     self.qkv = param(rngs, (d, 3, n, h), ("embed", None, "heads", "head_dim"), param_dtype)
     self.qkv_bias = param(rngs, (3, n, h), (None, "heads", "head_dim"), param_dtype, "zeros") if cfg.qkv_bias else None
     if cfg.qk_norm:  # over the full width (all heads jointly), not per head
@@ -77,28 +77,29 @@ class InternViTAttention(nnx.Module):
     self.proj = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
     self.proj_bias = param(rngs, (d,), ("embed",), param_dtype, "zeros")
 
+  @jax.named_scope("attention")
   def __call__(self, x):
     dt = x.dtype
     qkv = dense("btd,dsnh->btsnh", x, self.qkv[...])
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(dt)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.cfg.qk_norm:
-      b, t, n, h = q.shape
-      q = self.q_norm(q.reshape(b, t, n * h)).reshape(b, t, n, h)
-      k = self.k_norm(k.reshape(b, t, n * h)).reshape(b, t, n, h)
-    out = dispatch.attention(q, k, v, causal=False, impl=self.impl, interpret=self.interpret)
+    if self.cfg.qk_norm:  # over all heads jointly
+      n = q.shape[2]
+      q = rearrange(self.q_norm(rearrange(q, "b t n h -> b t (n h)")), "b t (n h) -> b t n h", n=n)
+      k = rearrange(self.k_norm(rearrange(k, "b t n h -> b t (n h)")), "b t (n h) -> b t n h", n=n)
+    out = attention.attention(q, k, v, causal=False, kernels_cfg=self.kernels_cfg)
     return dense("btnh,nhd->btd", out, self.proj[...]) + self.proj_bias[...].astype(dt)
 
 
 class InternViTLayer(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, drop_rate: float, *, param_dtype, impl: str = "auto",
-               interpret: str | None = None, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, drop_rate: float, *, param_dtype, kernels_cfg: KernelConfig = KernelConfig(),
+               rngs: nnx.Rngs):
     d, i = cfg.hidden_size, cfg.intermediate_size
     self.drop_rate = drop_rate
     self.norm1 = make_norm(cfg.norm_type, d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
-    self.attn = InternViTAttention(cfg, param_dtype=param_dtype, impl=impl, interpret=interpret, rngs=rngs)
+    self.attn = InternViTAttention(cfg, param_dtype=param_dtype, kernels_cfg=kernels_cfg, rngs=rngs)
     self.ls1 = param(rngs, (d,), ("embed",), param_dtype, "const", cfg.layer_scale_init)
     self.norm2 = make_norm(cfg.norm_type, d, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = param(rngs, (d, i), ("embed", "mlp"), param_dtype)
@@ -107,11 +108,13 @@ class InternViTLayer(nnx.Module):
     self.fc2_bias = param(rngs, (d,), ("embed",), param_dtype, "zeros")
     self.ls2 = param(rngs, (d,), ("embed",), param_dtype, "const", cfg.layer_scale_init)
 
+  @jax.named_scope("mlp")
   def mlp(self, x):
     dt = x.dtype
     h = gelu(dense("btd,di->bti", x, self.fc1[...]) + self.fc1_bias[...].astype(dt))
     return dense("bti,id->btd", h, self.fc2[...]) + self.fc2_bias[...].astype(dt)
 
+  @jax.named_scope("vision_layer")
   def __call__(self, x, rng=None):
     dt = x.dtype
     branches = (lambda y: self.attn(self.norm1(y)) * self.ls1[...].astype(dt),
@@ -127,8 +130,8 @@ class InternViTLayer(nnx.Module):
 class InternViT(nnx.Module):
   """pixel_values [tiles, H, W, 3] (NHWC, normalised) -> hidden states [tiles, 1 + H*W/p^2, D]."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: str = "none", attention_impl: str = "auto",
-               interpret: str | None = None, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: str = "none",
+               kernels_cfg: KernelConfig = KernelConfig(), rngs: nnx.Rngs):
     d, p = cfg.hidden_size, cfg.patch_size
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     self.patch_embed = param(rngs, (p, p, 3, d), (None, None, None, "embed"), param_dtype)
@@ -139,8 +142,8 @@ class InternViT(nnx.Module):
     if not 1 <= n_run <= cfg.num_layers:
       raise ValueError(f"vision select_layer={cfg.select_layer} is outside [-{cfg.num_layers}, -1]")
     rates = np.linspace(0.0, cfg.drop_path_rate, cfg.num_layers)
-    self.layers = nnx.List([InternViTLayer(cfg, float(rates[i]), param_dtype=param_dtype, impl=attention_impl,
-                                           interpret=interpret, rngs=rngs) for i in range(n_run)])
+    self.layers = nnx.List([InternViTLayer(cfg, float(rates[i]), param_dtype=param_dtype,
+                                           kernels_cfg=kernels_cfg, rngs=rngs) for i in range(n_run)])
 
   def embed(self, pixel_values):
     t, hgt, wid, c = pixel_values.shape

@@ -1,19 +1,25 @@
 """InternVL: ViT -> pixel shuffle -> MLP -> merge into the <IMG_CONTEXT> slots -> LLM -> logits.
 
 Call contract:
-  logits = model(input_ids, pixel_values=None, attention_mask=None)
+  out = model(input_ids, pixel_values=None, attention_mask=None) -> Output(logits, hidden, moe_aux_loss)
   input_ids [batch, seq] int; pixel_values float [tiles, H, W, 3] (NHWC, normalised), tiles in the
   order of their <IMG_CONTEXT> runs across the batch (row-major); attention_mask [batch, seq] (1 = token,
   0 = padding). Optional: position_ids [batch, seq] (default 0..seq-1; RoPE is relative, so a constant
   shift from left padding changes nothing), segment_ids [batch, seq] for packed rows (tokens attend only
-  within their segment; 0 = padding; overrides attention_mask), return_aux=True to also get
-  {'moe_aux_loss': ...} for training, return_hidden=True for the final normed hidden states [batch, seq, d]
-  instead of logits (for a chunked loss), rngs (with a 'dropout' stream) to turn on drop path.
+  within their segment; 0 = padding; overrides attention_mask), image_features [tiles, tokens per tile, d]
+  in place of pixel_values (computed elsewhere: Flash routing, a separate vision server), rngs (with a
+  'dropout' stream) to turn on drop path. Output.hidden are the final normed hidden states [batch, seq, d]
+  (a chunked loss applies `language_model.head()` to them piece by piece; under jit the unused logits are
+  never computed).
   Packed training rows pass pixel_values per row, [batch, R, H, W, 3]: row b's tiles in the order of its
   <IMG_CONTEXT> runs, then zero tiles up to the row's tile budget R (the data pipeline has checked each
   row's count, so rows shard over the batch axes with their own tiles).
+
+`ij.forward` is the jitted call for users: logits, or (logits, {'moe_aux_loss'}) with return_aux=True.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +27,9 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax.config import InternVLConfig
+from internvl_jax import sharding
 from internvl_jax.model.intern_vit import InternViT
+from internvl_jax.model.gpt_oss import GptOssDecoder
 from internvl_jax.model.layers import Keys
 from internvl_jax.model.projector import MLPProjector, extract_feature
 from internvl_jax.model.qwen3 import Qwen3Decoder
@@ -72,6 +80,12 @@ def merge_image_features(embeds, input_ids, features, image_token_id: int, *, ch
   return merged.reshape(b, t, d)
 
 
+class Output(NamedTuple):
+  logits: jax.Array  # [batch, seq, vocab]
+  hidden: jax.Array  # final normed hidden states [batch, seq, d]
+  moe_aux_loss: jax.Array  # the load-balancing loss (scalar; 0 for a dense decoder)
+
+
 class InternVL(nnx.Module):
 
   def __init__(self, cfg: InternVLConfig, *, rngs: nnx.Rngs):
@@ -79,20 +93,43 @@ class InternVL(nnx.Module):
     rngs = Keys(rngs)
     dt, pdt = cfg.compute_dtype, cfg.weight_dtype
     v, t = cfg.vision, cfg.text
-    self.vision_model = InternViT(v, dtype=dt, param_dtype=pdt, remat=cfg.remat, attention_impl=cfg.attention_impl,
-                                  interpret=cfg.pallas_interpret, rngs=rngs)
+    self.vision_model = InternViT(v, dtype=dt, param_dtype=pdt, remat=cfg.remat, kernels_cfg=cfg.kernels, rngs=rngs)
     in_dim = v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
     self.mlp1 = MLPProjector(in_dim, t.hidden_size, param_dtype=pdt, rngs=rngs)
-    self.language_model = Qwen3Decoder(t, dtype=dt, param_dtype=pdt, remat=cfg.remat,
-                                       attention_impl=cfg.attention_impl, moe_impl=cfg.moe_impl,
-                                       interpret=cfg.pallas_interpret, rngs=rngs)
+    decoder = GptOssDecoder if t.arch == "gpt_oss" else Qwen3Decoder
+    self.language_model = decoder(t, dtype=dt, param_dtype=pdt, remat=cfg.remat, kernels_cfg=cfg.kernels, rngs=rngs)
 
   def image_features(self, pixel_values, *, rngs: nnx.Rngs | None = None):
     """pixel_values [tiles, H, W, 3] -> [tiles, tokens_per_tile, llm hidden]."""
     return extract_feature(self.vision_model(pixel_values, rngs=rngs), self.mlp1, self.cfg.downsample_ratio)
 
+  def embed_inputs(self, input_ids, pixel_values=None, *, image_features=None, checked: bool = False,
+                   rngs: nnx.Rngs | None = None):
+    """Token embeddings [b, t, d] with the projected image features written into the <IMG_CONTEXT> slots.
+
+    pixel_values [tiles, H, W, 3] (tiles in row-major order of their runs) or [b, R, H, W, 3] (per row,
+    zero tiles after the row's own); image_features [tiles, tokens per tile, d] instead of pixel_values.
+    The count of image tokens must equal the features' (an error otherwise); checked=True is for a caller
+    that validated it on the host and pads the tiles to a bucket (features past the last token are unused).
+    """
+    embeds = self.language_model.embed(input_ids)
+    if image_features is None and pixel_values is not None and jnp.ndim(pixel_values) == 5:
+      b = input_ids.shape[0]
+      pv = jnp.asarray(pixel_values)
+      feats = self.image_features(pv.reshape(-1, *pv.shape[2:]), rngs=rngs)
+      return merge_row_features(embeds, input_ids, feats.reshape(b, -1, feats.shape[-1]), self.cfg.image_token_id)
+    if image_features is None and pixel_values is not None:
+      image_features = self.image_features(jnp.asarray(pixel_values), rngs=rngs)
+    if image_features is None:
+      if not checked:
+        check_image_tokens(input_ids, 0, self.cfg.image_token_id)
+      return embeds
+    feats = jnp.asarray(image_features)
+    return merge_image_features(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id,
+                                check=not checked)
+
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None, segment_ids=None,
-               return_aux: bool = False, return_hidden: bool = False, rngs: nnx.Rngs | None = None):
+               image_features=None, rngs: nnx.Rngs | None = None) -> Output:
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -104,33 +141,22 @@ class InternVL(nnx.Module):
                                          (jnp.ndim(pixel_values) == 5 and jnp.shape(pixel_values)[0] == b)):
       raise ValueError(f"pixel_values must be [tiles, H, W, 3] or [batch={b}, tiles per row, H, W, 3], got shape "
                        f"{tuple(jnp.shape(pixel_values))}")
+    if pixel_values is not None and image_features is not None:
+      raise ValueError("pass pixel_values or image_features, not both")
     if not isinstance(input_ids, jax.core.Tracer):
       check_vocab(input_ids, self.cfg.text.vocab_size)
-    embeds = self.language_model.embed(input_ids)
-    if pixel_values is not None and jnp.ndim(pixel_values) == 5:
-      pv = jnp.asarray(pixel_values)
-      feats = self.image_features(pv.reshape(-1, *pv.shape[2:]), rngs=rngs)
-      embeds = merge_row_features(embeds, input_ids, feats.reshape(b, -1, feats.shape[-1]), self.cfg.image_token_id)
-    elif pixel_values is not None:
-      feats = self.image_features(jnp.asarray(pixel_values), rngs=rngs)
-      embeds = merge_image_features(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), self.cfg.image_token_id)
-    else:
-      check_image_tokens(input_ids, 0, self.cfg.image_token_id)
+    embeds = self.embed_inputs(input_ids, pixel_values, image_features=image_features, rngs=rngs)
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask).astype(jnp.int32)
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, aux = self.language_model(embeds, jnp.asarray(position_ids), jnp.asarray(segment_ids),
-                                      return_hidden=return_hidden)
-    if return_aux:
-      return logits, {"moe_aux_loss": aux if aux is not None else jnp.zeros((), jnp.float32)}
-    return logits
+    out = self.language_model(embeds, jnp.asarray(position_ids), jnp.asarray(segment_ids))
+    return Output(out.logits, out.hidden, out.moe_aux_loss)
 
 
 def init_model(cfg: InternVLConfig, *, seed: int = 0, mesh=None) -> InternVL:
   """A randomly initialised model, created by one jitted program (fast, unlike op-by-op init); with a
   Mesh every parameter is created directly in its shard."""
-  from internvl_jax import sharding
   abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(seed)))
   graphdef, abs_state = nnx.split(abstract)
   shardings = sharding.state_shardings(abs_state, mesh) if mesh is not None else None
@@ -140,8 +166,8 @@ def init_model(cfg: InternVLConfig, *, seed: int = 0, mesh=None) -> InternVL:
 
 @nnx.jit(static_argnames=("return_aux",))
 def _forward(model: InternVL, input_ids, pixel_values, attention_mask, position_ids, segment_ids, return_aux):
-  return model(input_ids, pixel_values, attention_mask, position_ids=position_ids, segment_ids=segment_ids,
-               return_aux=return_aux)
+  out = model(input_ids, pixel_values, attention_mask, position_ids=position_ids, segment_ids=segment_ids)
+  return (out.logits, {"moe_aux_loss": out.moe_aux_loss}) if return_aux else out.logits
 
 
 def forward(model: InternVL, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,

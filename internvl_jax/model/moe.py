@@ -1,9 +1,16 @@
 """Mixture-of-experts feed-forward (Qwen3-MoE): softmax router, top-k, optional renormalisation of the
 top-k weights (`norm_topk_prob`), experts as grouped matmuls over tokens sorted by expert
-(`dispatch.grouped_matmul`: ragged_dot or the Pallas kernel; expert-parallel under a Mesh with an 'expert'
-axis, see `dispatch.moe_expert_parallel`), and the
-statistics of the Switch-style load-balancing loss (the same formula as transformers'
-`load_balancing_loss_func`)."""
+(`grouped_matmul`: XLA's ragged_dot or the Pallas kernel), and the statistics of the Switch-style
+load-balancing loss (the same formula as transformers' `load_balancing_loss_func`).
+
+How the experts meet a Mesh (`moe_per_shard`): with the Pallas grouped matmul the whole routed-expert block
+(sort by expert, the three gmm calls, scatter back) runs per token shard, tokens split over the batch axes so
+each shard counts its own groups, while the expert weights enter with `P()`: all-gathered whole onto every
+shard, each running gmm against all experts ('tensor' shards repeat the same work). With `moe_impl='xla'`
+ragged_dot is left to GSPMD. When the mesh's 'expert' axis divides the experts, both implementations run
+expert-parallel instead (`moe_expert_parallel`): each expert shard keeps its E/ep experts and the tokens
+travel.
+"""
 from __future__ import annotations
 
 import functools
@@ -11,10 +18,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from internvl_jax.model import dispatch
-from internvl_jax.config import TextConfig
+from internvl_jax.config import KernelConfig, TextConfig
+from internvl_jax.model import backend
 from internvl_jax.model.layers import dense, param
+from internvl_jax.sharding import logical_to_spec
 
 
 def route(router_logits, top_k: int, norm_topk_prob: bool):
@@ -42,15 +51,14 @@ def load_balancing_loss(counts, prob_sums, rows):
   return num_experts * jnp.sum((counts / rows) * (prob_sums / rows))
 
 
-def routed_experts(xf, weights, experts, gate, up, down, *, offset=0, impl: str = "auto",
-                   interpret: str | None = None):
+def routed_experts(xf, weights, experts, gate, up, down, *, offset=0, kernels_cfg: KernelConfig = KernelConfig()):
   """SwiGLU experts over tokens sorted by expert: xf [T, d], top-k weights/experts [T, k], expert
   weights [E_local, d, I] / [E_local, I, d] for experts offset..offset+E_local-1 -> [T, d].
 
   Assignments to experts outside that range (held by other expert shards) sort after every group, where
   the grouped matmul leaves zero rows, and their weight is zeroed, so they add nothing here. With
   offset 0 and all E experts this is the whole layer. Expert matmuls go through
-  `dispatch.grouped_matmul`."""
+  `grouped_matmul`."""
   k, n_local = experts.shape[1], gate.shape[0]
   local = experts.reshape(-1) - offset
   mine = (local >= 0) & (local < n_local)
@@ -59,7 +67,7 @@ def routed_experts(xf, weights, experts, gate, up, down, *, offset=0, impl: str 
   token = order // k
   sizes = jnp.bincount(local, length=n_local).astype(jnp.int32)  # the out-of-range id n_local is not counted
   xs = xf[token]
-  gmm = lambda lhs, rhs: dispatch.grouped_matmul(lhs, rhs, sizes, impl=impl, interpret=interpret)
+  gmm = lambda lhs, rhs: grouped_matmul(lhs, rhs, sizes, kernels_cfg=kernels_cfg)
   h = jax.nn.silu(gmm(xs, gate)) * gmm(xs, up)
   scale = jnp.where(mine, weights.reshape(-1), 0)[order]
   out = gmm(h, down) * scale[:, None].astype(xf.dtype)
@@ -68,10 +76,9 @@ def routed_experts(xf, weights, experts, gate, up, down, *, offset=0, impl: str 
 
 class MoE(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, param_dtype, impl: str = "auto", interpret: str | None = None,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, param_dtype, kernels_cfg: KernelConfig = KernelConfig(), rngs: nnx.Rngs):
     d, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-    self.cfg, self.impl, self.interpret = cfg, impl, interpret
+    self.cfg, self.kernels_cfg = cfg, kernels_cfg
     self.router = param(rngs, (d, e), ("embed", None), param_dtype)
     self.gate = param(rngs, (e, d, i), ("expert", "embed", "mlp"), param_dtype)
     self.up = param(rngs, (e, d, i), ("expert", "embed", "mlp"), param_dtype)
@@ -85,8 +92,85 @@ class MoE(nnx.Module):
     logits = dense("td,de->te", xf, self.router[...])
     weights, experts, probs = route(logits, k, self.cfg.norm_topk_prob)
     dt = x.dtype
-    fn = functools.partial(routed_experts, impl=self.impl, interpret=self.interpret)
-    y = dispatch.moe_per_shard(fn, (xf, weights, experts),
-                               (self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)),
-                               impl=self.impl, interpret=self.interpret)
+    fn = functools.partial(routed_experts, kernels_cfg=self.kernels_cfg)
+    y = moe_per_shard(fn, (xf, weights, experts),
+                      (self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)),
+                      kernels_cfg=self.kernels_cfg)
     return y.reshape(b, t, d), balance_stats(probs, experts, valid.reshape(-1))
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, kernels_cfg: KernelConfig = KernelConfig()):
+  """lhs [tokens, k] sorted by group, rhs [groups, k, n], group_sizes [groups] -> [tokens, n]: XLA's
+  ragged_dot or the Pallas grouped matmul."""
+  if backend.moe_impl(kernels_cfg) == "xla":
+    wide = jnp.float32 if backend.wide_products() else None
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=wide).astype(lhs.dtype)
+  return backend.gmm(lhs, rhs, group_sizes.astype(jnp.int32), **backend.kernel_backend(kernels_cfg))
+
+
+def expert_parallel_size(num_experts: int) -> int:
+  """Size of the active mesh's 'expert' axis when the MoE runs expert-parallel on it, else 1. The
+  condition is the one under which `sharding.RULES` shards the expert dimension of the weights."""
+  mesh = jax.sharding.get_abstract_mesh()
+  ep = 1 if mesh.empty else mesh.shape.get("expert", 1)
+  return ep if ep > 1 and num_experts % ep == 0 else 1
+
+
+def moe_per_shard(fn, tokens: tuple, params: tuple, *, kernels_cfg: KernelConfig):
+  """fn(*tokens, *params) -> [tokens, d]: the routed expert computation. Expert-parallel when the mesh's
+  'expert' axis shards the experts (`moe_expert_parallel`). Otherwise, with the Pallas grouped matmul it
+  runs per token shard (group sizes must be shard-local), the expert weights gathered on every shard, and
+  XLA's ragged_dot is left to GSPMD."""
+  impl = backend.moe_impl(kernels_cfg)
+  if expert_parallel_size(params[0].shape[0]) > 1:
+    return moe_expert_parallel(fn, *tokens, *params)
+  if impl == "xla":
+    return fn(*tokens, *params)
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = None if mesh.empty else backend.batch_axes(tokens[0].shape[0], mesh)
+  specs = tuple(P(batch, *[None] * (t.ndim - 1)) for t in tokens) + tuple(P() for _ in params)
+  return backend.per_shard(fn, (*tokens, *params), specs, P(batch, None))
+
+
+def moe_expert_parallel(fn, xf, weights, experts, gate, up, down):
+  """Expert parallelism: each shard of the 'expert' axis (size ep) holds E/ep experts and computes only
+  their contributions, for every token of its expert group (the ep shards that share data/fsdp indices).
+
+  Tokens xf [T, d] with their top-k weights/experts [T, k] are split over the batch axes (data, fsdp,
+  expert). Inside `shard_map`: all-gather the group's tokens and routing over 'expert' (T_g = ep * T_l
+  rows), run `fn` (the routed experts, offset to this shard's first expert: grouped matmuls with the local
+  group sizes, other experts' rows left zero), then `psum_scatter` over 'expert' hands each token owner the
+  sum of the k contributions. The 'mlp' dimension of the weights stays as RULES shard it ('tensor'): each
+  tensor shard computes a slice of the SwiGLU hidden units, an exact split, and a psum over 'tensor' adds
+  the partial down projections. 'embed' enters gathered (GSPMD's all-gather, as FSDP). The router, top-k
+  and load-balancing statistics stay outside, on the global tokens, so they are unchanged.
+
+  Communication per layer and shard, forward (the backward pass runs the transposes, the same volume):
+  all-gather receives (ep - 1) * T_l * d activations (+ the small [T_l, k] routing), psum_scatter sends
+  (ep - 1) * T_l * d. The alternative, a fixed-capacity all_to_all, must size each destination's buffer
+  for the worst case to drop nothing (all T_l * k assignments of a shard going to one destination), so it
+  moves (ep - 1) * T_l * k * d each way: k times more. A ragged all-to-all (no padding; TPU/GPU) moves
+  about T_l * k * (ep - 1) / ep * d when the load is balanced: fewer bytes than this once ep > k (the
+  Qwen3-MoE models have k = 8), at the price of data-dependent buffer sizes. Compute is the same for all:
+  each shard multiplies ~T_l * k rows on average, in a static buffer of T_g * k rows (the exact worst case).
+
+  When T does not split over 'expert' (e.g. a short decode batch) the tokens are already whole on every
+  expert shard: no gather, and a psum over 'expert' sums the contributions.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  n_local = gate.shape[0] // mesh.shape["expert"]
+  batch = backend.batch_axes(xf.shape[0], mesh)
+  split = "expert" in (batch if isinstance(batch, tuple) else (batch,))
+  mlp = logical_to_spec(("expert", "embed", "mlp"), gate.shape, mesh)[2]
+  tok, in_w, out_w = P(batch, None), P("expert", None, mlp), P("expert", mlp, None)
+
+  def body(x, w, e, gate, up, down):
+    if split:
+      x, w, e = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, w, e))
+    y = fn(x, w, e, gate, up, down, offset=jax.lax.axis_index("expert") * n_local)
+    # Scatter first: the psum over 'tensor' then adds T_l rows rather than T_g.
+    y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True) if split else jax.lax.psum(y, "expert")
+    return y if mlp is None else jax.lax.psum(y, mlp)
+
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, in_w, in_w, out_w), out_specs=tok,
+                       check_vma=False)(xf, weights, experts, gate, up, down)

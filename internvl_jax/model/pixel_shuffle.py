@@ -6,6 +6,7 @@ tile, 4C channels); scale 0.25 (Flash / ViR): 32x32 -> 8x8 (64 tokens, 16C chann
 """
 from __future__ import annotations
 
+import einops
 import jax
 
 
@@ -15,5 +16,4 @@ def pixel_shuffle(x: jax.Array, scale: float) -> jax.Array:
   r = int(round(1 / scale))
   if abs(r * scale - 1) > 1e-9 or h % r or w % r:
     raise ValueError(f"pixel_shuffle: scale {scale} must be 1/r with r dividing the grid {h}x{w}")
-  x = x.reshape(t, h // r, r, w // r, r, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(t, h // r, w // r, r * r * c)
+  return einops.rearrange(x, "t (h dr) (w dc) c -> t h w (dr dc c)", dr=r, dc=r)

@@ -2,6 +2,7 @@
 GELU -> Linear, mapping pixel-shuffled ViT features to the LLM width; and `extract_feature`."""
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from internvl_jax.model.layers import LayerNorm, dense, gelu, param
@@ -17,6 +18,7 @@ class MLPProjector(nnx.Module):
     self.linear_2 = param(rngs, (out_dim, out_dim), ("mlp", "embed"), param_dtype)
     self.bias_2 = param(rngs, (out_dim,), ("embed",), param_dtype, "zeros")
 
+  @jax.named_scope("mlp_projector")
   def __call__(self, x):
     dt = x.dtype
     h = dense("tnc,cd->tnd", self.norm(x), self.linear_1[...]) + self.bias_1[...].astype(dt)

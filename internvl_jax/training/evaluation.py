@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from internvl_jax import data as data_lib
+from internvl_jax.inference.engine import generate
 from internvl_jax.training import sft
 from internvl_jax.inputs.processor import pad_batch
 
@@ -92,7 +94,6 @@ def _eval_terms(model, batch, loss_chunk):
 class Evaluator:
 
   def __init__(self, cfg, processor, local_rows: int, mesh):
-    from internvl_jax import data as data_lib
     self.cfg, self.processor, self.local_rows, self.mesh = cfg, processor, local_rows, mesh
     self.data_lib = data_lib
     if cfg.eval.scorer not in SCORERS:
@@ -120,7 +121,6 @@ class Evaluator:
 
   def answers(self, model) -> list[tuple[str, bool, str, str]]:
     """-> (dataset, correct, prediction, reference) for each held-out question."""
-    from internvl_jax.inference.engine import generate
     tok = self.processor.tokenizer
     out = []
     for start in range(0, len(self.questions), 32):  # 32 rows per generate call (one bucket, few programs)

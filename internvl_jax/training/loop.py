@@ -1,5 +1,7 @@
-"""The run behind `train.py`: model and sharded train state, data, the loop, orbax checkpoints, evaluation
-and export. Each function takes the ml_collections config (see `configs/`); `train(cfg, workdir)` runs it.
+"""The run behind `train.py`: model and sharded train state, data, the SFT loop, orbax checkpoints,
+evaluation and export. Each function takes the ml_collections config (see `configs/`); `train_sft(cfg,
+workdir)` runs the SFT stage, and the Cascade RL stages (`rl/mpo.py`, `rl/gspo.py`) share the rest (`prepare`,
+`Run`, `StepLog`, `finish`, `Checkpointer`, `export`); `stages.train` picks the stage of a config.
 
 Workdir layout:
   checkpoints/<step>/{state, data}   orbax: the TrainState (every process writes its own shards) and each
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,16 +26,19 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from internvl_jax.checkpoint import pretrained as ckpt_lib
+from internvl_jax import data as data_lib
 from internvl_jax import sharding, zoo
+from internvl_jax.training import evaluation
 from internvl_jax.training import optim
 from internvl_jax.training import sft
 from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
 from internvl_jax.model.internvl import InternVL, init_model
-from internvl_jax.training.metrics import MetricsWriter
+from internvl_jax.training.metrics import MetricsWriter, console
 from internvl_jax.inputs.processor import Processor
 from internvl_jax.inputs.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -107,11 +113,40 @@ class _IteratorState:
     pass
 
 
+_ORBAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__))) + os.sep  # .../site-packages/orbax/
+
+
+class OrbaxInfoFilter(logging.Filter):
+  """Drops orbax's INFO and DEBUG records (dozens per checkpoint save or restore, which would bury a run's
+  progress lines); its warnings and errors, and every record not from orbax, pass. orbax logs through
+  absl.logging: records of the 'absl' logger, told apart by the file that made them; a few of its modules
+  use loggers named orbax.*."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    return not (record.name == "orbax" or record.name.startswith("orbax.") or
+                os.path.abspath(record.pathname).startswith(_ORBAX_DIR))
+
+
+def quiet_orbax() -> None:
+  """Keeps orbax's INFO lines off the console (idempotent; `Checkpointer` calls it). To see them again, remove
+  the OrbaxInfoFilter from `logging.getLogger("absl").filters` and set the 'orbax' logger's level."""
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, OrbaxInfoFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(OrbaxInfoFilter())
+  orbax_logger = logging.getLogger("orbax")  # the parent of the few orbax modules with loggers of their own
+  if orbax_logger.level == logging.NOTSET:
+    orbax_logger.setLevel(logging.WARNING)
+
+
 class Checkpointer:
-  """orbax CheckpointManager over workdir/checkpoints: async saves every `every` steps, the last `keep`."""
+  """orbax CheckpointManager over workdir/checkpoints: async saves every `every` steps, the last `keep`.
+  orbax's INFO lines are kept off the console (`quiet_orbax`); its warnings and errors still show."""
 
   def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
     import grain
+    quiet_orbax()
     self.every = every
     self.manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -226,7 +261,6 @@ def prepare(cfg, workdir: str, *, mesh=None, make_iterator=None, extra=None) -> 
   model, or restored from the workdir's latest checkpoint (with the state of `make_iterator(processor)`'s data
   iterator). `extra(mesh) -> (value, sharding)`: more state to checkpoint beside the TrainState; `run.state`
   is then (TrainState, value). `mesh`: the config's, when not given."""
-  from internvl_jax.training import evaluation
   mesh = sharding.make_mesh(dict(cfg.mesh)) if mesh is None else mesh
   tok_dir = tokenizer_dir(cfg)
   tokenizer = Tokenizer.from_pretrained(tok_dir)
@@ -249,7 +283,7 @@ def prepare(cfg, workdir: str, *, mesh=None, make_iterator=None, extra=None) -> 
     if extra is not None:
       abstract, shardings = (abstract, jax.eval_shape(lambda: extra[0])), (shardings, extra[1])
     state = checkpointer.restore(latest, abstract, shardings, iterator)
-    print(f"resumed from {workdir}/checkpoints/{latest}", flush=True)
+    console.info(f"resumed from {workdir}/checkpoints/{latest}")
   local_rows = cfg.batch_size // jax.process_count()
   evaluator = evaluation.Evaluator(cfg, processor, local_rows, mesh) if cfg.eval.meta else None
   writer = MetricsWriter(workdir, total_steps=cfg.steps, tensorboard=cfg.get("tensorboard", True))
@@ -286,7 +320,7 @@ class StepLog:
       return
     results = self.run.evaluator.run(model_of(state, self.run.setup), step)
     self.run.writer.write(step, results["metrics"], kind="eval")
-    print(results["table"], flush=True)
+    console.info(results["table"])
     self.last.update({f"eval_{k}": v for k, v in results["metrics"].items()})
     self.reset()  # tokens/s measures training only
 
@@ -295,8 +329,7 @@ def finish(cfg, run: Run, state: sft.TrainState, workdir: str) -> None:
   """Wait for checkpoints, export the final weights (one process), close the metrics."""
   run.checkpointer.close()
   if cfg.get("export", "hf") and jax.process_count() > 1:
-    print("export skipped: save_pretrained writes from one process; export the last checkpoint on one host",
-          flush=True)
+    log.warning("export skipped: save_pretrained writes from one process; export the last checkpoint on one host")
   elif cfg.get("export", "hf"):
     export(model_of(state, run.setup), os.path.join(workdir, "export"), run.tok_dir, layout=cfg.export)
   run.writer.close()
@@ -311,16 +344,16 @@ def check_rows(mesh, rows: int, what: str, accum_steps: int = 1) -> None:
                      f"accum_steps={accum_steps}, so every device holds whole rows of each micro-batch")
 
 
-def train(cfg, workdir: str) -> dict:
-  """Run (or resume) the training described by `cfg` in `workdir`: `cfg.stage` 'sft' (here), 'mpo' or 'gspo'
-  (`internvl_jax/training/rl/stages.py`). Returns the last train and eval metrics."""
-  stage = cfg.get("stage", "sft")
-  if stage in ("mpo", "gspo"):
-    from internvl_jax.training.rl import stages
-    return stages.STAGES[stage](cfg, workdir)
-  if stage != "sft":
-    raise ValueError(f"config.stage={stage!r}; known: 'sft', 'mpo', 'gspo'")
-  from internvl_jax import data as data_lib
+def check_single_process(stage: str) -> None:
+  """The RL stages run in one process: their rollouts and reference pass drive one process's devices."""
+  if jax.process_count() > 1:
+    raise NotImplementedError(f"the {stage} stage runs in one process (its rollouts and reference pass drive one "
+                              "process's devices); run it on one host")
+
+
+def train_sft(cfg, workdir: str) -> dict:
+  """Run (or resume) the SFT training described by `cfg` in `workdir` (`cfg.stage` 'sft'; 'mpo' and 'gspo'
+  are `rl/mpo.py` and `rl/gspo.py`, `stages.train` picks one). Returns the last train and eval metrics."""
   if cfg.batch_size % jax.process_count():
     raise ValueError(f"batch_size={cfg.batch_size} rows do not split over {jax.process_count()} processes")
   local_rows = cfg.batch_size // jax.process_count()
@@ -348,8 +381,8 @@ def train(cfg, workdir: str) -> dict:
     if log.step(step, metrics, tokens, extra=lambda: {"skipped_samples": iterator.stats()["skipped"]}):
       stats = iterator.stats()
       if stats["skipped"] > skipped_seen:
-        print(f"data: {stats['skipped']} samples skipped so far {stats.get('reasons', {})}; e.g. "
-              f"{stats.get('examples', [])[:3]}", flush=True)
+        console.warning(f"data: {stats['skipped']} samples skipped so far {stats.get('reasons', {})}; e.g. "
+                        f"{stats.get('examples', [])[:3]}")
         skipped_seen = stats["skipped"]
     run.checkpointer.save(step, state, iterator, force=step == cfg.steps)
     log.end_of_step(step, state)

@@ -26,7 +26,7 @@ Activations, per token of a micro-batch (c = compute itemsize, d width, n / kv h
     MoE: router softmax + top-k (float32), then per routed copy (top-k per token) the gathered input, gate,
     silu (3), up, product and expert output: k (2d + 6I) c — the biggest per-token term of the 241B;
     and the compute-dtype casts of every layer's weights (sharded like the parameters).
-    Expert-parallel MoE (dispatch.moe_expert_parallel, whenever the 'expert' axis ep divides the experts)
+    Expert-parallel MoE (moe.moe_expert_parallel, whenever the 'expert' axis ep divides the experts)
     sorts its whole expert group's tokens into one static buffer: ep x k rows per own token (I over 'tensor').
   remat 'full' keeps only each layer's input (c d); 'save_dots' the input and the outputs of the weight
     matmuls that are residuals (q, k, v, o; gate and up; the router): ragged_dot / gmm experts are recomputed.
@@ -65,7 +65,8 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax import sharding, zoo
-from internvl_jax.model import dispatch
+from internvl_jax.model import moe
+from internvl_jax.model.internvl import InternVL
 from internvl_jax.training.optim import PARTS
 
 GiB = 2 ** 30
@@ -135,7 +136,6 @@ class ParamInfo:
 @functools.lru_cache(maxsize=16)
 def parameters(cfg) -> tuple[ParamInfo, ...]:
   """Every nnx.Param of the model, from abstract shapes (nnx.eval_shape: nothing allocated)."""
-  from internvl_jax.model.internvl import InternVL
   model = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
   return tuple(ParamInfo(tuple(path), tuple(v.get_value().shape), np.dtype(v.get_value().dtype).itemsize,
                  tuple(getattr(v, "logical_axes", None) or ()))
@@ -235,10 +235,10 @@ def plan(model, mesh_shape: dict[str, int], *, batch: int, seq: int, device_memo
   p_bytes = sum(shard_bytes(p.shape, p.axes, p.itemsize, mesh) for p in params)
   g_bytes = sum(shard_bytes(p.shape, p.axes, p.itemsize, mesh) for p in train)
   # The MoE path the code takes: expert-parallel whenever the 'expert' axis divides the experts (where
-  # dispatch has it); else the Pallas per-shard path with the experts whole (P()), or GSPMD's ragged_dot.
+  # moe.py has it); else the Pallas per-shard path with the experts whole (P()), or GSPMD's ragged_dot.
   ep = mesh_shape["expert"]
   moe_path = ("expert-parallel" if t.is_moe and ep > 1 and t.num_experts % ep == 0
-              and hasattr(dispatch, "moe_expert_parallel") else moe_impl)
+              and hasattr(moe, "moe_expert_parallel") else moe_impl)
   token_axes = sharding.logical_to_spec(("batch",), (rows * seq,), mesh)[0] or ()
   token_axes = (token_axes,) if isinstance(token_axes, str) else token_axes
   routed_rows = ep if moe_path == "expert-parallel" and "expert" in token_axes else 1  # all-gathered group

@@ -26,7 +26,7 @@ from flax import nnx, struct
 
 from internvl_jax import sharding
 from internvl_jax.model.layers import dense
-from internvl_jax.inputs.processor import IGNORE
+from internvl_jax.inputs.labels import IGNORE
 
 BATCH_KEYS = ("input_ids", "labels", "loss_weights", "segment_ids", "position_ids", "pixel_values")
 
@@ -68,15 +68,14 @@ def chunked_next_token_ce(hidden, head, labels, weights, chunk: int):
 
 def next_token_terms(model, batch: dict, *, loss_chunk: int = 0, rngs=None):
   """The model on a batch -> ((sum of CE * w, sum of w, supervised tokens), MoE aux loss)."""
-  kw = dict(position_ids=batch["position_ids"], segment_ids=batch["segment_ids"], return_aux=True, rngs=rngs)
-  if loss_chunk:
-    hidden, aux = model(batch["input_ids"], batch.get("pixel_values"), return_hidden=True, **kw)
-    terms = chunked_next_token_ce(hidden, model.language_model.head(), batch["labels"], batch["loss_weights"],
+  out = model(batch["input_ids"], batch.get("pixel_values"), position_ids=batch["position_ids"],
+              segment_ids=batch["segment_ids"], rngs=rngs)
+  if loss_chunk:  # the full logits are then never computed (dead code under jit)
+    terms = chunked_next_token_ce(out.hidden, model.language_model.head(), batch["labels"], batch["loss_weights"],
                                   loss_chunk)
   else:
-    logits, aux = model(batch["input_ids"], batch.get("pixel_values"), **kw)
-    terms = weighted_next_token_ce(logits, batch["labels"], batch["loss_weights"])
-  return terms, aux["moe_aux_loss"]
+    terms = weighted_next_token_ce(out.logits, batch["labels"], batch["loss_weights"])
+  return terms, out.moe_aux_loss
 
 
 @struct.dataclass

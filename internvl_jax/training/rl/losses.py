@@ -1,9 +1,11 @@
 """Cascade RL objectives (paper §2.3, REFERENCE.md §6.4-6.5): MPO for the offline stage, GSPO (and token-level
-GRPO) for the online stage. Pure functions of arrays; all state (the BCO reward shift δ) is passed in and
+GRPO) for the online stage, and the per-token log-probs both steps take from the policy. Pure functions of
+arrays (`policy_token_logps`: of a model and a batch); all state (the BCO reward shift δ) is passed in and
 returned, so every function here can sit inside a jitted, sharded train step.
 
 Shapes: B = preference pairs (MPO) or sampled responses (GSPO/GRPO), T = completion positions.
-  token_logps [B, T]  log π(y_t | x, y_<t) of the completion tokens, already gathered from the logits.
+  token_logps [B, T]  log π(y_t | x, y_<t) of the completion tokens, gathered from the logits by
+                      `token_logps` (the one per-token log-prob helper of the MPO and GSPO steps).
   mask        [B, T]  1 on completion tokens, 0 on prompt and padding (bool or number).
 Everything is computed in float32 whatever the input dtype: log-prob sums over 32K-token replies lose the
 per-token signal in bfloat16.
@@ -20,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from internvl_jax.inputs.labels import IGNORE
+
 MPO_WEIGHTS = (0.8, 0.2, 1.0)  # sigmoid (preference), bco_pair (quality), sft (generation): IVL/oss MPO script
 AGG_MODES = ("seq-mean-token-mean", "token-mean")
 _GSPO_MAX_LOG_RATIO = 10.0  # verl caps exp() of the sequence log-ratio; only a diverged policy reaches it
@@ -32,6 +36,22 @@ def _f32(x):
 
 def _fmask(mask):
   return jnp.asarray(mask).astype(bool).astype(jnp.float32)
+
+
+def token_logps(logits, labels):
+  """logits [B, L, V], labels [B, L] (unshifted, -100 ignored) -> (log p of each next token [B, L-1] float32,
+  reply mask [B, L-1])."""
+  targets = labels[:, 1:]
+  mask = targets != IGNORE
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0], mask
+
+
+def policy_token_logps(model, batch):
+  """`token_logps` of the model's forward on a batch (`sft`'s keys; labels on the reply tokens only)."""
+  out = model(batch["input_ids"], batch.get("pixel_values"), position_ids=batch["position_ids"],
+              segment_ids=batch["segment_ids"])
+  return token_logps(out.logits, batch["labels"])
 
 
 def sequence_logps(token_logps, mask):

@@ -1,44 +1,41 @@
-"""MPO, the offline stage of Cascade RL (paper §2.3, REFERENCE.md §6.4): a pure train step on preference pairs.
+"""MPO, the offline stage of Cascade RL (paper §2.3, REFERENCE.md §6.4): a pure train step on preference pairs,
+and the stage as `train.py` runs it (`config.stage = 'mpo'`, `train_mpo`).
 
 Batch contract: `sft`'s keys for 2P unpacked rows, the P chosen replies first and then the P rejected ones
 (pair i is rows i and P + i, same prompt and images), labels (-100 = ignored) on the reply tokens only, plus
 `ref_logps` [2P]: the frozen reference model's sequence log-probs of the same rows (`reference_logps`, computed
 once per batch outside the gradient, or read from precomputed files). Chosen and rejected run as one batch.
+
+The stage starts from the previous stage's checkpoint (`config.model.checkpoint`, e.g. the SFT run's
+`export/`): preference pairs from `config.data.meta` (MMPR-style JSONL, `rl/pairs.py`), `batch_size` pairs per
+step (2 x batch_size rows, chosen then rejected), reference log-probs from a frozen copy of the starting model
+computed once per batch outside the gradient, the BCO shift δ checkpointed with the state. Its data is drawn
+from (seed, position) with no iterator: pair j is a function of j, and its position and count of skipped
+pairs are checkpointed as the data state (skipped pairs move the position off step x batch_size), so a
+resumed run repeats the uninterrupted one exactly (BCO shift included). Evaluation, checkpoints, metrics and
+export are SFT's (`training/loop.py`). Single-process: the reference pass drives one process's devices.
 """
 from __future__ import annotations
 
 import functools
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from internvl_jax.data import samples
+from internvl_jax.training import loop
 from internvl_jax.training import sft
-from internvl_jax.inputs.processor import IGNORE
-from internvl_jax.training.rl import losses
+from internvl_jax.training.metrics import console
+from internvl_jax.training.rl import losses, pairs as pairs_lib
 
 BATCH_KEYS = sft.BATCH_KEYS + ("ref_logps",)
 
 
-def token_logps(logits, labels):
-  """logits [B, L, V], labels [B, L] (unshifted, -100 ignored) -> (log p of each next token [B, L-1] float32,
-  reply mask [B, L-1])."""
-  targets = labels[:, 1:]
-  mask = targets != IGNORE
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0], mask
-
-
-def policy_token_logps(model, batch):
-  logits = model(batch["input_ids"], batch.get("pixel_values"), position_ids=batch["position_ids"],
-                 segment_ids=batch["segment_ids"])
-  return token_logps(logits, batch["labels"])
-
-
 def reference_logps(model, batch):
   """The reference model's sequence log-probs [B] (no gradient flows to it)."""
-  return jax.lax.stop_gradient(losses.sequence_logps(*policy_token_logps(model, batch)))
+  return jax.lax.stop_gradient(losses.sequence_logps(*losses.policy_token_logps(model, batch)))
 
 
 def mpo_step(state: sft.TrainState, bco: losses.BCOState, batch: dict, *, graphdef, rest,
@@ -50,7 +47,7 @@ def mpo_step(state: sft.TrainState, bco: losses.BCOState, batch: dict, *, graphd
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.frozen, rest)
-    tok, mask = policy_token_logps(model, batch)
+    tok, mask = losses.policy_token_logps(model, batch)
     return losses.mpo_loss(tok[:pairs], tok[pairs:], mask[:pairs], mask[pairs:], ref[:pairs], ref[pairs:], bco,
                            beta=beta, weights=weights)
 
@@ -67,3 +64,80 @@ def make_mpo_step(graphdef, rest, tx, mesh, state_sh, batch_sh, *, beta: float =
                  donate_argnums=0)
   ref = jax.jit(lambda params, batch: reference_logps(nnx.merge(graphdef, params, rest), batch))
   return sft.under_mesh(step, mesh), sft.under_mesh(ref, mesh)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+def train_mpo(cfg, workdir: str) -> dict:
+  """Run (or resume) the MPO stage described by `cfg` in `workdir` (see the module docstring). Returns the last
+  train and eval metrics."""
+  loop.check_single_process("mpo")
+
+  def bco_state(mesh):
+    replicated = jax.NamedSharding(mesh, jax.P())
+    return losses.bco_init(), losses.BCOState(replicated, replicated)
+
+  cursor = _PairCursor()
+  run = loop.prepare(cfg, workdir, extra=bco_state, make_iterator=lambda processor: cursor)
+  (state, bco), setup = run.state, run.setup
+  loop.check_rows(run.mesh, 2 * cfg.batch_size, f"2 x batch_size = {2 * cfg.batch_size} rows (chosen, rejected)")
+  pairs, skipped = pairs_lib.load_pairs(cfg.data.meta)
+  if skipped:
+    console.warning(f"mpo data: skipped {sum(map(len, skipped.values()))} lines "
+                    f"{({k: len(v) for k, v in skipped.items()})}; e.g. {[v[0] for v in skipped.values()]}")
+  if not pairs:
+    raise ValueError(f"config.data.meta={cfg.data.meta}: no valid preference pair")
+  # The reference: a frozen copy of the starting model (the stage's checkpoint), also after a resume.
+  _, ref_params, _ = nnx.split(loop.initial_model(cfg, run.model_cfg, run.mesh), nnx.Param, ...)
+  step_fn = ref_fn = None
+  pad_id = run.processor.tokenizer.pad_id
+  step = int(jax.device_get(state.step))
+  if cursor.next is None:  # a fresh run, or a checkpoint written before the cursor was saved
+    cursor.next = step * cfg.batch_size
+  log = loop.StepLog(run, cfg)
+  epoch_order = functools.lru_cache(maxsize=2)(
+      lambda epoch: np.random.default_rng((cfg.seed, epoch)).permutation(len(pairs)))
+  order = lambda j: epoch_order(j // len(pairs))[j % len(pairs)]  # pair j of the run: a function of j only
+  while step < cfg.steps:
+    rows = []
+    while len(rows) < cfg.batch_size:  # a pair that cannot be made is skipped, counted and reported
+      pair = pairs[order(cursor.next)]
+      cursor.next += 1
+      try:
+        rows.append(pairs_lib.pair_samples(pair, processor=run.processor, max_tokens=cfg.data.max_tokens,
+                                           max_tiles=cfg.data.max_tiles_per_row))
+      except samples.SampleError as e:
+        cursor.skipped += 1
+        console.warning(f"mpo data: skipped {pair['where']}: {e.reason}: {e}")
+    local = pairs_lib.mpo_batch(rows, max_tokens=cfg.data.max_tokens, max_tiles=cfg.data.max_tiles_per_row,
+                                pad_id=pad_id, tile_size=run.processor.tile_size)
+    batch = sft.global_batch(local, run.mesh)
+    if step_fn is None:
+      batch_sh = {k: v.sharding for k, v in batch.items()}
+      batch_sh.update(sft.batch_sharding(run.mesh, {"ref_logps": jax.ShapeDtypeStruct((2 * cfg.batch_size,),
+                                                                                       np.float32)}))
+      step_fn, ref_fn = make_mpo_step(setup.graphdef, setup.rest, setup.tx, run.mesh, setup.state_sh, batch_sh,
+                                      beta=cfg.mpo.beta, weights=tuple(cfg.mpo.weights))
+    batch["ref_logps"] = ref_fn(ref_params, batch)
+    state, bco, metrics = step_fn(state, bco, batch)
+    step += 1
+    log.step(step, dict(metrics, skipped_pairs=cursor.skipped), int(np.sum(local["segment_ids"] > 0)))
+    run.checkpointer.save(step, (state, bco), cursor, force=step == cfg.steps)
+    log.end_of_step(step, state)
+  loop.finish(cfg, run, state, workdir)
+  return log.last
+
+
+class _PairCursor:
+  """The MPO stage's position in its pair order and its count of skipped pairs, checkpointed as the data
+  iterator's state: once a pair has been skipped the position is no longer step x batch_size, so a resumed run
+  could not recompute it without making every earlier row again."""
+
+  def __init__(self):
+    self.next, self.skipped = None, 0
+
+  def get_state(self) -> dict:
+    return {"next": self.next, "skipped": self.skipped}
+
+  def set_state(self, state: dict) -> None:
+    self.next, self.skipped = state.get("next"), state.get("skipped", 0)

@@ -21,6 +21,10 @@ import numpy as np
 from internvl_jax.data import meta as meta_lib
 from internvl_jax.data import packing, samples
 from internvl_jax.training.rl import rollout
+from internvl_jax.inference.engine import engine_for
+from internvl_jax.checkpoint.pretrained import from_pretrained
+from internvl_jax.data import load_records
+from internvl_jax.inputs.processor import Processor
 
 FIELDS = ("question", "chosen", "rejected")
 
@@ -107,7 +111,6 @@ def build(model, processor, questions: list, out_dir: str, *, group_size: int = 
           max_rows: int = 64) -> dict:
   """Sample group_size responses per question from `model`, score them with REWARDS[reward], and write the
   pairs to out_dir/pairs.jsonl with out_dir/meta.json (MMPR format). -> counts and rollout accuracy."""
-  from internvl_jax.inference.engine import engine_for
   rolls = rollout.sample(model, engine_for(model), processor, questions, group_size=group_size,
                          max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_rows=max_rows)
   correct = rolls.score({reward: 1.0}) > 0.5
@@ -141,9 +144,6 @@ def main(argv=None) -> None:
   parser.add_argument("--no-thumbnail", dest="thumbnail", action="store_false")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  from internvl_jax.checkpoint.pretrained import from_pretrained
-  from internvl_jax.data import load_records
-  from internvl_jax.inputs.processor import Processor
   model = from_pretrained(args.checkpoint)
   processor = Processor.from_pretrained(args.checkpoint, max_tiles=args.max_tiles, use_thumbnail=args.thumbnail)
   info = build(model, processor, load_records(args.meta, limit=args.limit), args.out, group_size=args.group,

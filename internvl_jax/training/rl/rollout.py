@@ -14,7 +14,8 @@ import numpy as np
 from internvl_jax.data import packing
 from internvl_jax.data.samples import Sample
 from internvl_jax.inference.engine import Engine, generate
-from internvl_jax.inputs.processor import IGNORE, pad_batch
+from internvl_jax.inputs.labels import IGNORE
+from internvl_jax.inputs.processor import pad_batch
 from internvl_jax.training.rl import rewards
 
 

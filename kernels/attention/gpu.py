@@ -1,19 +1,19 @@
 """Flash attention for GPUs in Pallas Triton: one program per (batch, head, query block) looping over the
 key blocks it can see (forward and dq); one per (batch, kv head, key block) looping over the query heads of
 its group and the query blocks that see it (dk, dv). Layout [b, heads, seq, d], sequences padded to whole
-blocks by the caller (flash_attention.py), which also owns the masks and the online-softmax math."""
+blocks by the caller (ops.py); the masks and the online-softmax math are in common.py."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from kernels.flash_attention import (NEG, backward_step, block_mask, finish, kv_block_range, online_softmax_step,
-                                     q_block_range)
+from kernels.attention.common import (NEG, backward_step, block_mask, finish, kv_block_range,
+                                      online_softmax_step, q_block_range)
 
 
 def _params():
-  from jax.experimental.pallas import triton as plgpu
   return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 

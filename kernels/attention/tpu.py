@@ -2,7 +2,7 @@
 only one (double-buffered) block of each operand sits in VMEM; running statistics live in VMEM scratch
 across those "arbitrary" axes. Blocks outside the causal / window band are skipped with `pl.when`, and
 their index maps are clamped into the band so the pipeline does not copy them in. Layout
-[b, heads, seq, d], padded to whole blocks by the caller (flash_attention.py), which owns the math."""
+[b, heads, seq, d], padded to whole blocks by the caller (ops.py); the block math is in common.py."""
 from __future__ import annotations
 
 import jax
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.flash_attention import (NEG, backward_step, block_mask, finish, kv_block_range, online_softmax_step,
-                                     q_block_range)
+from kernels.attention.common import (NEG, backward_step, block_mask, finish, kv_block_range,
+                                      online_softmax_step, q_block_range)
 
 
 def _params(*semantics):
