@@ -180,3 +180,31 @@ def test_resave_removes_stale_shards(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
   got = ij.from_pretrained(str(tmp_path)).language_model.embed_tokens.get_value()
   np.testing.assert_array_equal(np.asarray(got), np.asarray(other.language_model.embed_tokens.get_value()))
+
+
+def test_image_features_seam_equals_pixel_values(tiny_moe):
+  """`image_features=` (features computed elsewhere: Flash routing, a vision server) gives the same Output as
+  `pixel_values`, through the one merge `embed_inputs` does; a wrong count is still an error."""
+  ids, mask, pixels = make_batch()
+  want = tiny_moe(ids, pixels, mask)
+  feats = tiny_moe.image_features(jnp.asarray(pixels))
+  got = tiny_moe(ids, attention_mask=mask, image_features=feats)
+  for name in ("logits", "hidden", "moe_aux_loss"):
+    np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(np.asarray(tiny_moe.embed_inputs(jnp.asarray(ids), image_features=feats)),
+                             np.asarray(tiny_moe.embed_inputs(jnp.asarray(ids), pixels)), atol=1e-6)
+  with pytest.raises(ValueError, match="IMG_CONTEXT.*hold 16 image tokens.*give 12"):
+    tiny_moe(ids, attention_mask=mask, image_features=feats[:-1])
+  with pytest.raises(ValueError, match="not both"):
+    tiny_moe(ids, pixels, mask, image_features=feats)
+
+
+def test_profiles_name_the_blocks(tiny_moe):
+  """jax.named_scope on the model's blocks: the lowered program's op names carry them, as a profile shows."""
+  graphdef = nnx.graphdef(tiny_moe)
+  ids, mask, pixels = make_batch()
+  text = jax.jit(lambda s, i, p, a: nnx.merge(graphdef, s)(i, p, a).logits).lower(
+      nnx.state(tiny_moe), ids, pixels, mask).as_text(debug_info=True)
+  for scope in ("vision_layer/attention", "vision_layer/mlp", "mlp_projector", "decoder_layer/attention",
+                "decoder_layer/moe"):
+    assert scope in text, scope

@@ -84,6 +84,7 @@ class MoE(nnx.Module):
     self.up = param(rngs, (e, d, i), ("expert", "embed", "mlp"), param_dtype)
     self.down = param(rngs, (e, i, d), ("expert", "mlp", "embed"), param_dtype)
 
+  @jax.named_scope("moe")
   def __call__(self, x, valid):
     """x [b, t, d], valid [b, t] -> (y [b, t, d], balance statistics)."""
     b, t, d = x.shape

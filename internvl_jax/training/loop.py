@@ -38,7 +38,7 @@ from internvl_jax.inputs.processor import Processor
 from internvl_jax.inputs.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -329,7 +329,7 @@ def finish(cfg, run: Run, state: sft.TrainState, workdir: str) -> None:
   """Wait for checkpoints, export the final weights (one process), close the metrics."""
   run.checkpointer.close()
   if cfg.get("export", "hf") and jax.process_count() > 1:
-    log.warning("export skipped: save_pretrained writes from one process; export the last checkpoint on one host")
+    logger.warning("export skipped: save_pretrained writes from one process; export the last checkpoint on one host")
   elif cfg.get("export", "hf"):
     export(model_of(state, run.setup), os.path.join(workdir, "export"), run.tok_dir, layout=cfg.export)
   run.writer.close()
