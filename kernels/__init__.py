@@ -11,7 +11,7 @@ the backend for both.
 
 backend: 'auto' (the kernel of this platform; the reference on the CPU), 'tpu', 'gpu' or 'reference'.
 `interpret=True` runs a Pallas kernel on any device (tests). The model chooses between these and XLA in
-`internvl_jax/model/dispatch.py`.
+`internvl_jax/model/backend.py` (called from `model/attention.py` and `model/moe.py`).
 """
 from kernels.attention import BlockSizes, flash_attention, reference_attention
 from kernels.gmm import GmmBlockSizes, gmm, tgmm
