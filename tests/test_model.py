@@ -208,3 +208,18 @@ def test_profiles_name_the_blocks(tiny_moe):
   for scope in ("vision_layer/attention", "vision_layer/mlp", "mlp_projector", "decoder_layer/attention",
                 "decoder_layer/moe"):
     assert scope in text, scope
+
+
+def test_tiles_of_another_size_pass_the_host_checks(tiny_moe):
+  """84 px tiles on a 56 px model (the ViT interpolates its position embeddings): 9 features per tile, not
+  `tokens_per_tile` (4). ij.forward and generate count features from the tiles' shape, so they accept what
+  the model accepts (the first host check assumed `tokens_per_tile` and refused these)."""
+  ids, mask, pixels = make_batch(tokens_per_tile=9, image_size=84)
+  logits = np.asarray(ij.forward(tiny_moe, ids, pixels, mask))
+  np.testing.assert_allclose(logits, np.asarray(tiny_moe(ids, pixels, mask).logits), atol=1e-5)
+  first = ij.generate(tiny_moe, ids, pixels, attention_mask=mask, max_new_tokens=1, eos_token_ids=())[:, 0]
+  np.testing.assert_array_equal(first, np.argmax(logits[:, -1], axis=-1))
+  with pytest.raises(ValueError, match="IMG_CONTEXT.*give 18"):
+    ij.forward(tiny_moe, ids, pixels[:2], mask)
+  with pytest.raises(ValueError, match="IMG_CONTEXT"):
+    ij.generate(tiny_moe, ids, pixels[:2], attention_mask=mask, max_new_tokens=1)

@@ -52,6 +52,16 @@ def check_image_tokens(input_ids, n_features: int, image_token_id: int):
     _raise_count_mismatch(count, n_features)
 
 
+def feature_count(cfg: InternVLConfig, pixel_shape) -> int | None:
+  """How many image features tiles of shape [tiles, H, W, 3] give (H x W need not be `image_size`: the ViT
+  interpolates its position embeddings), or None for a shape the ViT or pixel shuffle refuses (they raise)."""
+  n, h, w = pixel_shape[:3]
+  p, r = cfg.vision.patch_size, int(round(1 / cfg.downsample_ratio))
+  if h % p or w % p or (h // p) % r or (w // p) % r:
+    return None
+  return n * (h // p // r) * (w // p // r)
+
+
 def check_vocab(input_ids, vocab_size: int):
   """Ids outside [0, vocab) would be silently clamped by the embedding gather: refuse them."""
   lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
@@ -172,11 +182,12 @@ def _forward(model: InternVL, input_ids, pixel_values, attention_mask, position_
 
 def forward(model: InternVL, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
             segment_ids=None, return_aux: bool = False):
-  """Jitted `model(...)`; same arguments and results. Token ids and the <IMG_CONTEXT> count are checked here,
-  on the host, before the program runs: a failed check raises from this call (a device callback's error can
-  be reported by a later, unrelated dispatch)."""
+  """Jitted `model(...)`: its arguments, and its logits (with `return_aux`, also {'moe_aux_loss'}). Token ids
+  and the <IMG_CONTEXT> count are checked here, on the host, before the program runs: a failed check raises
+  from this call (a device callback's error can be reported by a later, unrelated dispatch)."""
   check_vocab(input_ids, model.cfg.text.vocab_size)
   if pixel_values is None or jnp.ndim(pixel_values) == 4:
-    n_tiles = 0 if pixel_values is None else jnp.shape(pixel_values)[0]
-    check_image_tokens(np.asarray(input_ids), n_tiles * model.cfg.tokens_per_tile, model.cfg.image_token_id)
+    n = 0 if pixel_values is None else feature_count(model.cfg, jnp.shape(pixel_values))
+    if n is not None:
+      check_image_tokens(np.asarray(input_ids), n, model.cfg.image_token_id)
   return _forward(model, input_ids, pixel_values, attention_mask, position_ids, segment_ids, return_aux)
