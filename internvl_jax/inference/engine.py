@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax.model import backend
-from internvl_jax.model.internvl import InternVL, check_vocab, feature_count
+from internvl_jax.model.internvl import InternVL, check_image_count, check_vocab
 from internvl_jax.inference.sampling import Sampling, sample, settings_arrays, token_logp
 
 
@@ -112,12 +112,8 @@ class Engine:
     mask = np.zeros((b, t), np.int32)
     for i, r in enumerate(rows):
       ids[i, :len(r)], mask[i, :len(r)] = r, 1
-    n_img = int(np.sum(ids == self.cfg.image_token_id))
+    check_image_count(self.cfg, ids, pixel_values)
     n_tiles = 0 if pixel_values is None else len(pixel_values)
-    n_feat = 0 if pixel_values is None else feature_count(self.cfg, pixel_values.shape)
-    if n_feat is not None and n_img != n_feat:
-      raise ValueError(f"<IMG_CONTEXT> count mismatch: the prompts hold {n_img} image tokens but pixel_values "
-                       f"give {n_tiles} tiles x {n_feat // max(n_tiles, 1)} tokens")
     pixels = None
     if n_tiles:
       pixels = np.zeros((bucket(n_tiles),) + tuple(pixel_values.shape[1:]), np.float32)

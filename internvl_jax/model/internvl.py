@@ -62,6 +62,14 @@ def feature_count(cfg: InternVLConfig, pixel_shape) -> int | None:
   return n * (h // p // r) * (w // p // r)
 
 
+def check_image_count(cfg: InternVLConfig, input_ids, pixel_values) -> None:
+  """The <IMG_CONTEXT> count against tiles [tiles, H, W, 3] (or None), on the host: what `forward` and the
+  engine's prefill check before their programs run. Shapes the ViT refuses are left to its own error."""
+  n = 0 if pixel_values is None else feature_count(cfg, np.shape(pixel_values))
+  if n is not None:
+    check_image_tokens(np.asarray(input_ids), n, cfg.image_token_id)
+
+
 def check_vocab(input_ids, vocab_size: int):
   """Ids outside [0, vocab) would be silently clamped by the embedding gather: refuse them."""
   lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
@@ -186,8 +194,6 @@ def forward(model: InternVL, input_ids, pixel_values=None, attention_mask=None, 
   and the <IMG_CONTEXT> count are checked here, on the host, before the program runs: a failed check raises
   from this call (a device callback's error can be reported by a later, unrelated dispatch)."""
   check_vocab(input_ids, model.cfg.text.vocab_size)
-  if pixel_values is None or jnp.ndim(pixel_values) == 4:
-    n = 0 if pixel_values is None else feature_count(model.cfg, jnp.shape(pixel_values))
-    if n is not None:
-      check_image_tokens(np.asarray(input_ids), n, model.cfg.image_token_id)
+  if pixel_values is None or jnp.ndim(pixel_values) == 4:  # packed rows [b, R, ...]: the pipeline checked them
+    check_image_count(model.cfg, input_ids, pixel_values)
   return _forward(model, input_ids, pixel_values, attention_mask, position_ids, segment_ids, return_aux)
