@@ -84,6 +84,29 @@ class TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FlashConfig:
+  """InternVL3.5-Flash: the Visual Resolution Router (ViR, `model/vir.py`, REFERENCE.md §3).
+
+  A tile's p0 = P(compress) is the router's class-0 probability. rule 'released' (the Flash checkpoints'
+  remote code): compress when p0 > the `relative_threshold` quantile of p0 over the request's tiles and
+  p0 >= `absolute_threshold` -- so a one-tile request, and the lowest-ranked tiles, are never compressed.
+  rule 'absolute': compress when p0 >= `absolute_threshold` alone (any tile, a one-tile request included).
+  The released threshold values are unknown to us: `from_pretrained` reads them from config.json and, when
+  absent, keeps these defaults (transformers' internvl_flash test values) with a warning.
+
+  pooling 'released' runs attn1/norm1 and then attn2/norm2 three times, as the remote code and lmdeploy do
+  (attn3, attn4, norm3, norm4 are in the checkpoint but unused); 'four' runs attn1..attn4 / norm1..norm4 in
+  turn, as transformers' internvl_flash port does. The two give different probabilities for the same weights.
+  """
+
+  mode: bool = True  # flash_mode: generation routes tiles unless told otherwise (training never does)
+  relative_threshold: float = 0.1
+  absolute_threshold: float = 0.5
+  rule: Literal["released", "absolute"] = "released"
+  pooling: Literal["released", "four"] = "released"
+
+
+@dataclasses.dataclass(frozen=True)
 class InternVLConfig:
   """ViT-MLP-LLM. `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights.
 
@@ -102,6 +125,8 @@ class InternVLConfig:
   moe_impl: MoEImpl = "auto"
   # 'tpu' or 'gpu': run that backend's Pallas kernels in interpret mode on any device (tests, debugging).
   pallas_interpret: str | None = None
+  # InternVL3.5-Flash: the ViR router and the 64-token projector `mlp2` exist when set (None: plain model).
+  flash: FlashConfig | None = None
 
   @property
   def kernels(self) -> KernelConfig:
@@ -110,6 +135,11 @@ class InternVLConfig:
   @property
   def tokens_per_tile(self) -> int:
     return int(round(self.vision.grid * self.downsample_ratio)) ** 2
+
+  @property
+  def compressed_tokens_per_tile(self) -> int:
+    """Tokens of a tile the router compresses: a second pixel shuffle, at downsample_ratio**2 (64 for 448 px)."""
+    return int(round(self.vision.grid * self.downsample_ratio ** 2)) ** 2
 
   @property
   def compute_dtype(self):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.config import FlashConfig, InternVLConfig, TextConfig, VisionConfig
 from internvl_jax.model.internvl import InternVL
 
 VIT_300M = VisionConfig()
@@ -49,6 +49,11 @@ PRESETS: dict[str, InternVLConfig] = {
     "InternVL3.5-241B-A28B": InternVLConfig(VIT_6B, _qwen3_moe(4096, 94, 64, 4, 128, 1536)),
 }
 
+# InternVL3.5-Flash: the same models plus the ViR router and `mlp2` (REFERENCE.md §3). No Flash release of the
+# GPT-OSS model is known to us.
+PRESETS.update({f"{name}-Flash": cfg.replace(flash=FlashConfig()) for name, cfg in list(PRESETS.items())
+                if cfg.text.arch != "gpt_oss"})
+
 # Tiny presets for tests and demos: 56 px tiles (4x4 patches -> 4 tokens per tile), vocab 512.
 _TINY_VIT = VisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, image_size=56,
                          layer_scale_init=0.1)
@@ -61,6 +66,7 @@ PRESETS.update({
                                image_token_id=500),
     "tiny-6b": InternVLConfig(VisionConfig(**{**_TINY_VIT.__dict__, "norm_type": "rms_norm", "qk_norm": True,
                                               "qkv_bias": False}), _TINY_TEXT, image_token_id=500),
+    "tiny-flash": InternVLConfig(_TINY_VIT, _TINY_TEXT, image_token_id=500, flash=FlashConfig()),
 })
 
 
@@ -86,15 +92,17 @@ def param_counts(cfg: InternVLConfig) -> dict[str, int]:
   vision = _size(nnx.state(model.vision_model, nnx.Param))
   projector = _size(nnx.state(model.mlp1, nnx.Param))
   language = _size(nnx.state(model.language_model, nnx.Param))
+  flash = sum(_size(nnx.state(getattr(model, m), nnx.Param)) for m in ("mlp2", "pooling_before_gating", "gating")
+              if cfg.flash is not None)
   t = cfg.text
   idle = 0
   if t.is_moe:  # dense models: every parameter is active
     expert = sum(int(np.prod(getattr(layer.mlp, n).get_value().shape)) for layer in model.language_model.layers
                  for n in ("gate", "up", "down", "gate_up", "gate_up_bias", "down_bias") if hasattr(layer.mlp, n))
     idle = expert * (t.num_experts - t.num_experts_per_tok) // t.num_experts
-  total = vision + projector + language
-  return dict(vision_params=vision, projector_params=projector, language_params=language, total_params=total,
-              active_params=total - idle)
+  total = vision + projector + language + flash
+  return dict(vision_params=vision, projector_params=projector, language_params=language, flash_params=flash,
+              total_params=total, active_params=total - idle)
 
 
 def main(argv=None):
@@ -105,10 +113,10 @@ def main(argv=None):
   if args.json:
     print(json.dumps(rows, indent=1))
     return
-  print(f"{'preset':24s} {'vision':>8s} {'language':>9s} {'total':>8s} {'active':>8s}")
+  print(f"{'preset':28s} {'vision':>8s} {'language':>9s} {'total':>8s} {'active':>8s}")
   for r in rows:
     b = lambda k: f"{r[k] / 1e9:.1f}B" if r[k] >= 5e7 else f"{r[k] / 1e6:.2f}M"
-    print(f"{r['name']:24s} {b('vision_params'):>8s} {b('language_params'):>9s} {b('total_params'):>8s} "
+    print(f"{r['name']:28s} {b('vision_params'):>8s} {b('language_params'):>9s} {b('total_params'):>8s} "
           f"{b('active_params'):>8s}")
 
 

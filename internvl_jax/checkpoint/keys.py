@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from internvl_jax.config import InternVLConfig
+from internvl_jax.model import vir
 
 Path = tuple
 
@@ -91,7 +92,14 @@ def conv(key, ours):
   return Spec((key,), ((d, c, p, p),), lambda a: a[0].transpose(2, 3, 1, 0), lambda x: [x.transpose(3, 2, 0, 1)])
 
 
+FLASH_MODULES = ("mlp2.", "pooling_before_gating.", "gating.")
+
+
 def canonical_hf_key(key: str) -> str:
+  """The spelling `specs(..., 'hf')` uses: transformers' saved names for the base model; for the Flash modules,
+  the `model.`-prefixed names that the internvl_flash converter writes (a bare `mlp2.*` is folded onto them)."""
+  if key.startswith(FLASH_MODULES):
+    return "model." + key
   for mem, saved in (("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
                      ("model.language_model.", "language_model.model.")):
     if key.startswith(mem):
@@ -196,6 +204,54 @@ def _language(cfg: InternVLConfig) -> dict[Path, Spec]:
   return out
 
 
+def _flash(cfg: InternVLConfig, layout: str) -> dict[Path, Spec]:
+  """The Flash modules (REFERENCE.md §3.1, §7.2): original `mlp2.{0,1,4,7}`, `pooling_before_gating.*` (packed
+  in_proj), `gating.blockK.{0,3,5}`, `gating.gate.{0,1}`; transformers' internvl_flash names otherwise."""
+  dv, dl = cfg.vision.hidden_size, cfg.text.hidden_size
+  c, n = dv * int(round(1 / cfg.downsample_ratio)) ** 4, vir.HEADS
+  h, e = dv // n, vir.EXPANSION * dv
+  hf = layout == "hf"
+  out: dict[Path, Spec] = {}
+
+  def layer_norm(ours, key, dim):
+    out[ours + ("weight",)] = plain(key + ".weight", (dim,), (dim,))
+    out[ours + ("bias",)] = plain(key + ".bias", (dim,), (dim,))
+
+  m = "model.mlp2." if hf else "mlp2."
+  layer_norm(("mlp2", "norm"), m + ("norm" if hf else "0"), c)
+  for k, (idx, shape) in enumerate(((1, (c, 2 * dl)), (4, (2 * dl, 2 * dl)), (7, (2 * dl, dl))), start=1):
+    key = m + (f"dense{k}" if hf else str(idx))
+    out[("mlp2", f"dense{k}")] = linear(key + ".weight", shape, 1)
+    out[("mlp2", f"bias{k}")] = plain(key + ".bias", (shape[1],), (shape[1],))
+  p = ("model." if hf else "") + "pooling_before_gating."
+  out[("pooling_before_gating", "query_token")] = plain(p + "query_token", (1, dv), (1, dv))
+  for k in range(1, 5):
+    a, ours = f"{p}attn{k}.", ("pooling_before_gating", f"attn{k}")
+    if hf:
+      out[ours + ("in_proj",)] = split_linear([a + f"{s}.weight" for s in ("query", "key", "value")], (dv, 3, n, h))
+      out[ours + ("in_bias",)] = split_bias([a + f"{s}.bias" for s in ("query", "key", "value")], (3, n, h))
+    else:
+      out[ours + ("in_proj",)] = linear(a + "in_proj_weight", (dv, 3, n, h), 1)
+      out[ours + ("in_bias",)] = plain(a + "in_proj_bias", (3 * dv,), (3, n, h))
+    out[ours + ("out_proj",)] = linear(a + "out_proj.weight", (n, h, dv), 2)
+    out[ours + ("out_bias",)] = plain(a + "out_proj.bias", (dv,), (dv,))
+    layer_norm(("pooling_before_gating", f"norm{k}"), f"{p}norm{k}", dv)
+  g = ("model." if hf else "") + "gating."
+  for k in range(1, 5):
+    b, ours = f"{g}block{k}.", ("gating", f"block{k}")
+    names = ("dense_in", "dense_out", "norm") if hf else ("0", "3", "5")
+    out[ours + ("fc1",)] = linear(b + names[0] + ".weight", (dv, e), 1)
+    out[ours + ("fc1_bias",)] = plain(b + names[0] + ".bias", (e,), (e,))
+    out[ours + ("fc2",)] = linear(b + names[1] + ".weight", (e, dv), 1)
+    out[ours + ("fc2_bias",)] = plain(b + names[1] + ".bias", (dv,), (dv,))
+    layer_norm(ours + ("norm",), b + names[2], dv)
+  layer_norm(("gating", "gate_norm"), g + ("gate_norm" if hf else "gate.0"), dv)
+  proj = g + ("gate_proj" if hf else "gate.1")
+  out[("gating", "gate_proj")] = linear(proj + ".weight", (dv, 2), 1)
+  out[("gating", "gate_bias")] = plain(proj + ".bias", (2,), (2,))
+  return out
+
+
 def specs(cfg: InternVLConfig, layout: str) -> dict[Path, Spec]:
   """Every parameter of `InternVL(cfg)` -> its checkpoint tensors in `layout` ('original' or 'hf')."""
   if layout not in ("original", "hf"):
@@ -203,7 +259,8 @@ def specs(cfg: InternVLConfig, layout: str) -> dict[Path, Spec]:
   if cfg.text.arch == "gpt_oss":
     raise NotImplementedError("GPT-OSS checkpoints (InternVL3.5-20B-A4B) are not supported yet")
   n_run = cfg.vision.num_layers + 1 + cfg.vision.select_layer
-  return {**_vision(cfg, layout, n_run), **_projector(cfg, layout), **_language(cfg)}
+  flash = _flash(cfg, layout) if cfg.flash is not None else {}
+  return {**_vision(cfg, layout, n_run), **_projector(cfg, layout), **_language(cfg), **flash}
 
 
 def skipped_vision_layers(cfg: InternVLConfig, layout: str) -> tuple[str, ...]:

@@ -24,8 +24,8 @@ from flax import nnx
 
 from internvl_jax import sharding
 from internvl_jax.checkpoint import safetensors_io
-from internvl_jax.checkpoint.keys import Stacked, canonical_hf_key, skipped_vision_layers, specs
-from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.checkpoint.keys import FLASH_MODULES, Stacked, canonical_hf_key, skipped_vision_layers, specs
+from internvl_jax.config import FlashConfig, InternVLConfig, TextConfig, VisionConfig
 from internvl_jax.model.internvl import InternVL
 
 DEFAULT_IMAGE_TOKEN_ID = 151671  # <IMG_CONTEXT> of the Qwen3-based releases (REFERENCE.md §2.6)
@@ -79,13 +79,41 @@ def _image_token_from_tokenizer(folder: str) -> int | None:
   return None
 
 
-def config_from_dict(c: dict, folder: str = "<config>") -> tuple[InternVLConfig, str]:
-  """InternVLConfig and layout ('original' or 'hf') from a released config.json."""
+def flash_config_from_dict(c: dict, layout: str, where: str, flash_weights: bool = False) -> FlashConfig | None:
+  """The ViR settings of a Flash checkpoint (config keys flash_mode, flash_relative_threshold,
+  flash_absolute_threshold, and our flash_rule / flash_pooling), or None for a plain one. A checkpoint is a
+  Flash one when its config says so or its weights hold the router. flash_mode defaults to False in the
+  original layout (the remote code's getattr default) and True in transformers' internvl_flash (which always
+  routes). Absent thresholds keep FlashConfig's defaults, with a warning: the released values are unknown."""
+  flagged = "flash_mode" in c or c.get("model_type") == "internvl_flash" or "flash_relative_threshold" in c
+  if not (flagged or flash_weights):
+    return None
+  d = FlashConfig()
+  absent = [k for k in ("flash_relative_threshold", "flash_absolute_threshold") if c.get(k) is None]
+  if absent:
+    warnings.warn(f"{where}: {' and '.join(absent)} absent; using relative {d.relative_threshold}, absolute "
+                  f"{d.absolute_threshold} (transformers' internvl_flash test values; the released ones are unknown)")
+  rel, absolute = c.get("flash_relative_threshold"), c.get("flash_absolute_threshold")
+  return FlashConfig(mode=bool(c.get("flash_mode", layout == "hf")),
+                     relative_threshold=d.relative_threshold if rel is None else float(rel),
+                     absolute_threshold=d.absolute_threshold if absolute is None else float(absolute),
+                     rule=c.get("flash_rule", d.rule), pooling=c.get("flash_pooling", d.pooling))
+
+
+def flash_dict(f: FlashConfig) -> dict:
+  return dict(flash_mode=f.mode, flash_relative_threshold=f.relative_threshold,
+              flash_absolute_threshold=f.absolute_threshold, flash_rule=f.rule, flash_pooling=f.pooling)
+
+
+def config_from_dict(c: dict, folder: str = "<config>", *, flash_weights: bool = False) -> tuple[InternVLConfig, str]:
+  """InternVLConfig and layout ('original' or 'hf') from a released config.json (flash_weights: the
+  checkpoint holds the ViR router, so the model is a Flash one whatever the config says)."""
   where = os.path.join(folder, "config.json")
   try:
     cfg, layout = _config_from_dict(c, folder, where)
   except KeyError as e:
     raise ValueError(f"{where}: required field {e} is missing") from None
+  cfg = cfg.replace(flash=flash_config_from_dict(c, layout, where, flash_weights))
   acts = {"vision_config.hidden_act": c["vision_config"].get("hidden_act", "gelu"),
           "projector_hidden_act": c.get("projector_hidden_act", "gelu"),
           "text hidden_act": c.get("llm_config", c.get("text_config", {})).get("hidden_act", "silu")}
@@ -150,8 +178,9 @@ def _text_dict(t: TextConfig) -> dict:
 
 def config_to_dict(cfg: InternVLConfig, layout: str) -> dict:
   v, t = cfg.vision, cfg.text
+  flash = {} if cfg.flash is None else flash_dict(cfg.flash)
   if layout == "hf":
-    return dict(
+    hf = dict(
         architectures=["InternVLForConditionalGeneration"], model_type="internvl", image_token_id=cfg.image_token_id,
         image_seq_length=cfg.tokens_per_tile, downsample_ratio=cfg.downsample_ratio, projector_hidden_act="gelu",
         vision_feature_layer=v.select_layer, vision_feature_select_strategy="default",
@@ -163,6 +192,9 @@ def config_to_dict(cfg: InternVLConfig, layout: str) -> dict:
                            layer_scale_init_value=v.layer_scale_init, hidden_act="gelu", use_mean_pooling=True,
                            use_absolute_position_embeddings=True, drop_path_rate=v.drop_path_rate),
         text_config=dict(model_type=t.arch, **_text_dict(t)))
+    if flash:  # transformers' internvl_flash (model_type and class of its port)
+      hf.update(architectures=["InternvlFlashForConditionalGeneration"], model_type="internvl_flash", **flash)
+    return hf
   return dict(
       architectures=["InternVLChatModel"], model_type="internvl_chat", downsample_ratio=cfg.downsample_ratio,
       force_image_size=v.image_size, select_layer=v.select_layer, ps_version="v2", template="internvl2_5",
@@ -174,15 +206,16 @@ def config_to_dict(cfg: InternVLConfig, layout: str) -> dict:
                          norm_type=v.norm_type, layer_norm_eps=v.norm_eps, qk_normalization=v.qk_norm,
                          qkv_bias=v.qkv_bias, initializer_factor=v.layer_scale_init,
                          drop_path_rate=v.drop_path_rate, hidden_act="gelu", use_flash_attn=False),
-      llm_config=dict(architectures=[{v: k for k, v in _ARCH.items()}[t.arch]], model_type=t.arch, **_text_dict(t)))
+      llm_config=dict(architectures=[{v: k for k, v in _ARCH.items()}[t.arch]], model_type=t.arch, **_text_dict(t)),
+      **flash)
 
 
-def load_config(path: str) -> tuple[InternVLConfig, str]:
+def load_config(path: str, *, flash_weights: bool = False) -> tuple[InternVLConfig, str]:
   where = os.path.join(path, "config.json")
   if not os.path.exists(where):
     raise FileNotFoundError(f"{where} not found: a checkpoint folder holds config.json and *.safetensors")
   with open(where) as f:
-    return config_from_dict(json.load(f), path)
+    return config_from_dict(json.load(f), path, flash_weights=flash_weights)
 
 
 # ----------------------------------------------------------------------------------------- load
@@ -274,22 +307,38 @@ def place(ckpt: safetensors_io.Checkpoint, lazy, dtype, target: jax.sharding.Sha
       shape, target, lambda i: read(ckpt, lazy[tuple(slice(*b) for b in _bounds(i, shape))], dtype), dtype=dtype)
 
 
+_FLASH_PREFIXES = {"original": FLASH_MODULES, "hf": tuple("model." + m for m in FLASH_MODULES)}
+
+
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
                     image_token_id: int | None = None, **config_overrides) -> InternVL:
   """Load a released checkpoint folder (either layout, detected from config.json).
 
   dtype: compute dtype (and weight dtype unless `param_dtype` is given). mesh: place each tensor with its
   sharding from the logical-axis rules; each process reads only the slices its own devices hold.
-  `config_overrides` replace InternVLConfig fields (e.g. remat). Missing, unexpected and mis-shaped
+  `config_overrides` replace InternVLConfig fields (e.g. remat); `flash={...}` replaces FlashConfig fields
+  of a Flash checkpoint (thresholds, rule, pooling, mode). Missing, unexpected and mis-shaped
   tensors are reported together in one error. As in transformers, a config that ties lm_head to the
   embeddings while the checkpoint holds a different lm_head loads untied (with a warning).
   """
   cfg, layout = load_config(path)
-  cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype or dtype).name, **config_overrides)
-  if image_token_id is not None:
-    cfg = cfg.replace(image_token_id=image_token_id)
   ckpt = safetensors_io.Checkpoint(path)
   sources = tensor_sources(ckpt, layout)
+  if cfg.flash is None and any(k.startswith(_FLASH_PREFIXES[layout]) for k in sources):
+    cfg, layout = load_config(path, flash_weights=True)
+  flash = config_overrides.pop("flash", {})
+  if isinstance(flash, dict) and flash:
+    if cfg.flash is None:
+      raise ValueError(f"{path}: flash={flash} given, but the checkpoint is not a Flash one (no ViR router)")
+    flash = dataclasses.replace(cfg.flash, **flash)
+  elif isinstance(flash, dict):
+    flash = cfg.flash
+  if flash is None and cfg.flash is not None:
+    raise ValueError(f"{path}: a Flash checkpoint; flash=None would leave its router weights unread")
+  cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype or dtype).name, flash=flash,
+                    **config_overrides)
+  if image_token_id is not None:
+    cfg = cfg.replace(image_token_id=image_token_id)
   head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
   if cfg.text.tie_word_embeddings and head in sources and embed in sources:
     if not _equal(ckpt, sources[head], sources[embed]):

@@ -13,10 +13,13 @@ def split_thinking(text: str) -> tuple[str, str]:
 
 
 def chat(model, processor, question: str, images=None, video=None, *, history=None, system=None,
-         thinking: bool = False, max_new_tokens: int = 512, stop=(), stream=None, **sampling):
+         thinking: bool = False, max_new_tokens: int = 512, stop=(), stream=None, flash: bool | None = None,
+         return_stats: bool = False, **sampling):
   """Answer `question` about `images` (list) or `video` (a path); returns the text, or (thinking, answer)
   when thinking=True. `history` is a list of earlier {'role', 'content'} messages; `stop` strings end the
-  answer (and are cut off); stream(text_so_far) is called as tokens arrive."""
+  answer (and are cut off); stream(text_so_far) is called as tokens arrive. flash: route tiles through a
+  Flash model's ViR router (default: its flash_mode; see `generate`); return_stats=True returns
+  (answer, stats) with stats = {tiles, compressed_tiles, visual_tokens_before, visual_tokens_after}."""
   messages = list(history or []) + [{"role": "user", "content": question}]
   sample_ = processor(messages, images=images, videos=[video] if video else None, system=system, thinking=thinking)
   tok = processor.tokenizer
@@ -26,11 +29,13 @@ def chat(model, processor, question: str, images=None, video=None, *, history=No
     return tok.decode([int(i) for i in ids if i not in (tok.pad_id, tok.eos_id)], skip_special_tokens=False)
 
   on_step = None if stream is None else (lambda step, t, acc=[]: (acc.append(int(t[0])), stream(decoded(acc))))
-  ids = generate(model, sample_["input_ids"][None], sample_["pixel_values"], max_new_tokens=max_new_tokens,
-                 eos_token_ids=(tok.eos_id,), pad_token_id=tok.pad_id, stream=on_step,
-                 stop=(lambda i, new: any(s in decoded(new) for s in stops)) if stops else None, **sampling)[0]
-  text = decoded(ids)
+  ids, stats = generate(model, sample_["input_ids"][None], sample_["pixel_values"], max_new_tokens=max_new_tokens,
+                        eos_token_ids=(tok.eos_id,), pad_token_id=tok.pad_id, stream=on_step,
+                        stop=(lambda i, new: any(s in decoded(new) for s in stops)) if stops else None,
+                        flash=flash, return_stats=True, **sampling)
+  text = decoded(ids[0])
   for s in stops:
     if s in text:
       text = text[:text.index(s)]
-  return split_thinking(text) if thinking else text.strip()
+  answer = split_thinking(text) if thinking else text.strip()
+  return (answer, stats[0]) if return_stats else answer

@@ -16,6 +16,7 @@ is drawn by a jitted program too (`Engine.first_token`), shared by `generate` an
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import jax
@@ -24,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax.model import backend
-from internvl_jax.model.internvl import InternVL, check_image_count, check_vocab
+from internvl_jax.model import vir
+from internvl_jax.model.internvl import InternVL, check_image_count, check_image_tokens, check_vocab
 from internvl_jax.inference.sampling import Sampling, sample, settings_arrays, token_logp
 
 
@@ -53,6 +55,31 @@ def init_cache(cfg, batch: int, length: int):
           "index": jnp.zeros((batch,), jnp.int32)}
 
 
+@dataclasses.dataclass
+class Routed:
+  """Rows after Flash routing (`Engine.route`): the shortened token ids, what fills their <IMG_CONTEXT> slots
+  (device arrays for `Engine.prefill(features=...)`), and per row {'tiles', 'compressed_tiles',
+  'visual_tokens_before', 'visual_tokens_after'}."""
+
+  rows: list[np.ndarray]
+  features: tuple | None  # (full [N, T, d], compressed [N, C, d], index [n_bucket], n) or None without images
+  stats: list[dict]
+
+
+def visual_stats(tiles: int, compressed: int, cfg) -> dict:
+  t = cfg.tokens_per_tile
+  saved = compressed * (t - cfg.compressed_tokens_per_tile)
+  return {"tiles": tiles, "compressed_tiles": compressed, "visual_tokens_before": tiles * t,
+          "visual_tokens_after": tiles * t - saved}
+
+
+def unrouted_stats(row, cfg) -> dict:
+  """`visual_stats` of a row that was not routed: every image token stays."""
+  n = int(np.sum(np.asarray(row) == cfg.image_token_id))
+  return {"tiles": n // cfg.tokens_per_tile, "compressed_tiles": 0, "visual_tokens_before": n,
+          "visual_tokens_after": n}
+
+
 class Engine:
   """The jitted prefill / first-token / decode / join programs of one model structure. Parameters are passed
   per call (`state = nnx.state(model)`), so a model that is being trained generates with its current weights."""
@@ -65,12 +92,18 @@ class Engine:
     self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("span",))
     self._first = jax.jit(self._pick, donate_argnums=(1,))
     self._join = jax.jit(self._join_impl, donate_argnums=(0, 1, 2))
+    self._vision = jax.jit(self._vision_impl)
 
   # ------------------------------------------------------------------------------- jitted programs
 
-  def _prefill_impl(self, state, ids, mask, pixels, cache):
+  def _prefill_impl(self, state, ids, mask, pixels, cache, features=None):
     model = nnx.merge(self.graphdef, state)
-    embeds = model.embed_inputs(ids, pixels, checked=True)  # `prefill` checked the count; tiles are padded
+    if features is not None:  # Flash: each kept slot's feature from the full or the compressed table
+      full, compressed, index = features
+      table = jnp.concatenate([full.reshape(-1, full.shape[-1]), compressed.reshape(-1, compressed.shape[-1])])
+      embeds = model.embed_inputs(ids, image_features=table[index], checked=True)
+    else:
+      embeds = model.embed_inputs(ids, pixels, checked=True)  # `prefill` checked the count; tiles are padded
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
     out = model.language_model(embeds, positions, mask.astype(jnp.int32), cache=cache, logits_at=last,
@@ -87,6 +120,9 @@ class Engine:
     nxt, seen, logp = self._pick(out.logits[:, 0].astype(jnp.float32), seen, key, settings)
     return nxt, out.cache, seen, logp
 
+  def _vision_impl(self, state, pixels):
+    return nnx.merge(self.graphdef, state).flash_features(pixels)
+
   def _pick(self, logits, seen, key, settings):
     """The next token of every row from its logits, marked as seen, with its log-prob."""
     nxt = sample(logits, key, seen, *settings)
@@ -100,8 +136,41 @@ class Engine:
 
   # ------------------------------------------------------------------------------- host side
 
-  def prefill(self, state, rows: list[np.ndarray], pixel_values, cache_len: int):
-    """rows: token id arrays (unpadded); pixel_values: all tiles in row order, or None.
+  def route(self, state, rows: list[np.ndarray], pixel_values) -> Routed:
+    """Flash (ViR): one ViT pass over all rows' tiles gives both projections and each tile's p0; every row is
+    routed on its own tiles (`vir.route`: the quantile is over that request's tiles, so a row's routing does
+    not depend on what it is batched with) and shortened (`vir.compress_row`). Rows' <IMG_CONTEXT> runs must
+    be whole tiles; the tiles' count must match theirs."""
+    if self.cfg.flash is None:
+      raise ValueError("this model has no ViR router (InternVLConfig.flash is None): flash=True needs a Flash model")
+    counts = [vir.tiles_in_row(r, self.cfg, i) for i, r in enumerate(rows)]
+    n_tiles = 0 if pixel_values is None else len(pixel_values)
+    if sum(counts) != n_tiles:
+      raise ValueError(f"<IMG_CONTEXT> count mismatch: the rows' image tokens make {sum(counts)} tiles of "
+                       f"{self.cfg.tokens_per_tile} tokens but pixel_values hold {n_tiles} tiles")
+    if not n_tiles:
+      return Routed(list(rows), None, [visual_stats(0, 0, self.cfg) for _ in rows])
+    table = bucket(n_tiles)
+    pixels = np.zeros((table,) + tuple(pixel_values.shape[1:]), np.float32)
+    pixels[:n_tiles] = pixel_values
+    full, compressed, p0 = self._vision(state, jnp.asarray(pixels))
+    p0 = np.asarray(p0)
+    out, index, stats, first = [], [], [], 0
+    for r, n in zip(rows, counts):
+      squeeze = vir.route(p0[first:first + n], self.cfg.flash)
+      ids, idx = vir.compress_row(r, squeeze, self.cfg, first_tile=first, table_tiles=table)
+      out.append(ids)
+      index.append(idx)
+      stats.append(visual_stats(n, int(squeeze.sum()), self.cfg))
+      first += n
+    index = np.concatenate(index)
+    padded = np.zeros(bucket(index.size), np.int32)
+    padded[:index.size] = index
+    return Routed(out, (full, compressed, jnp.asarray(padded), index.size), stats)
+
+  def prefill(self, state, rows: list[np.ndarray], pixel_values, cache_len: int, *, features=None):
+    """rows: token id arrays (unpadded); pixel_values: all tiles in row order, or None; features: instead of
+    pixel_values, `Routed.features` of these rows (from `route`).
     -> (last-position logits [B_bucket, V], cache, B_bucket)."""
     b = max(bucket(len(rows)), self.min_batch)
     longest = max(len(r) for r in rows)
@@ -112,13 +181,20 @@ class Engine:
     mask = np.zeros((b, t), np.int32)
     for i, r in enumerate(rows):
       ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    cache = init_cache(self.cfg, b, cache_len)
+    if features is not None:
+      if pixel_values is not None:
+        raise ValueError("pass pixel_values or features, not both")
+      full, compressed, index, n = features
+      check_image_tokens(ids, n, self.cfg.image_token_id)
+      logits, cache = self._prefill(state, jnp.asarray(ids), jnp.asarray(mask), None, cache, (full, compressed, index))
+      return logits, cache, b
     check_image_count(self.cfg, ids, pixel_values)
     n_tiles = 0 if pixel_values is None else len(pixel_values)
     pixels = None
     if n_tiles:
       pixels = np.zeros((bucket(n_tiles),) + tuple(pixel_values.shape[1:]), np.float32)
       pixels[:n_tiles] = pixel_values
-    cache = init_cache(self.cfg, b, cache_len)
     logits, cache = self._prefill(state, jnp.asarray(ids), jnp.asarray(mask), pixels, cache)
     return logits, cache, b
 
@@ -155,10 +231,19 @@ def engine_for(model: InternVL) -> Engine:
   return _ENGINES[model]
 
 
+def use_flash(cfg, flash: bool | None) -> bool:
+  """Whether generation routes tiles: `flash` if given (True needs a Flash model), else the checkpoint's
+  flash_mode (`cfg.flash.mode`)."""
+  if flash and cfg.flash is None:
+    raise ValueError("flash=True needs a Flash model (InternVLConfig.flash is None: no ViR router)")
+  return bool(cfg.flash.mode if flash is None and cfg.flash is not None else flash)
+
+
 def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=None, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              seed: int = 0, eos_token_ids=(151645,), pad_token_id: int = 151643, stream=None,
-             stop=None, return_logps: bool = False, engine: Engine | None = None):
+             stop=None, return_logps: bool = False, engine: Engine | None = None, flash: bool | None = None,
+             return_stats: bool = False):
   """New token ids [batch, new_tokens]; after a row stops (an eos id, or `stop`), the rest is pad_token_id.
   return_logps=True returns (ids, logps): logps [batch, new_tokens] float32, each new token's log-prob under
   the model's untempered distribution (`token_logp`), 0 after the row stops — the rollout policy's
@@ -168,6 +253,10 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   input_ids [batch, seq] may be left- or right-padded (attention_mask marks real tokens); pixel_values
   [tiles, H, W, 3] are the tiles of all rows in order. stream(step, tokens [batch]) is called per step;
   stop(row, new_ids_so_far) -> bool ends a row early (stop strings, in `chat`).
+
+  flash (InternVL3.5-Flash): route every row's tiles through the ViR router (`Engine.route`), each row on its
+  own tiles; default: the model's `cfg.flash.mode` (False for a model without a router). return_stats=True
+  appends a list of per-row dicts to the result: tiles, compressed_tiles, visual_tokens_before/after routing.
   """
   ids = np.asarray(input_ids)
   mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
@@ -176,8 +265,13 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   check_vocab(ids, model.cfg.text.vocab_size)
   rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
   engine, state = engine or engine_for(model), nnx.state(model)
+  pixels = None if pixel_values is None else np.asarray(pixel_values)
+  routed = engine.route(state, rows, pixels) if use_flash(model.cfg, flash) else None
+  if routed is not None:
+    rows = routed.rows
   cache_len = bucket(length_bucket(max(len(r) for r in rows)) + max_new_tokens, 16)
-  logits, cache, b = engine.prefill(state, rows, None if pixel_values is None else np.asarray(pixel_values), cache_len)
+  logits, cache, b = engine.prefill(state, rows, None if routed else pixels, cache_len,
+                                    features=routed.features if routed else None)
   settings = settings_arrays([Sampling(temperature, top_k, top_p, repetition_penalty)] * len(rows), b)
   key = jax.random.key(seed)
   key, sub = jax.random.split(key)
@@ -203,4 +297,7 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
     longest = max(len(r) for r in rows) + step + 1
     tokens, cache, seen, logp = engine.decode(state, tokens, cache, seen, jnp.asarray(active), sub, settings,
                                               longest)
-  return (out, out_logps) if return_logps else out
+  result = (out, out_logps) if return_logps else (out,)
+  if return_stats:
+    result += (routed.stats if routed else [unrouted_stats(r, model.cfg) for r in rows],)
+  return result[0] if len(result) == 1 else result

@@ -33,6 +33,7 @@ from internvl_jax.model.gpt_oss import GptOssDecoder
 from internvl_jax.model.layers import Keys
 from internvl_jax.model.projector import MLPProjector, extract_feature
 from internvl_jax.model.qwen3 import Qwen3Decoder
+from internvl_jax.model.vir import MLP2, CrossAttentionPooling, Gating
 
 
 def _raise_count_mismatch(n_tokens, n_features):
@@ -116,10 +117,27 @@ class InternVL(nnx.Module):
     self.mlp1 = MLPProjector(in_dim, t.hidden_size, param_dtype=pdt, rngs=rngs)
     decoder = GptOssDecoder if t.arch == "gpt_oss" else Qwen3Decoder
     self.language_model = decoder(t, dtype=dt, param_dtype=pdt, remat=cfg.remat, kernels_cfg=cfg.kernels, rngs=rngs)
+    if cfg.flash is not None:  # InternVL3.5-Flash: the 64-token projector and the ViR router (model/vir.py)
+      f = cfg.flash
+      self.mlp2 = MLP2(v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 4, t.hidden_size, param_dtype=pdt,
+                       rngs=rngs)
+      self.pooling_before_gating = CrossAttentionPooling(v.hidden_size, f.pooling, param_dtype=pdt, rngs=rngs)
+      self.gating = Gating(v.hidden_size, param_dtype=pdt, rngs=rngs)
 
   def image_features(self, pixel_values, *, rngs: nnx.Rngs | None = None):
     """pixel_values [tiles, H, W, 3] -> [tiles, tokens_per_tile, llm hidden]."""
     return extract_feature(self.vision_model(pixel_values, rngs=rngs), self.mlp1, self.cfg.downsample_ratio)
+
+  def flash_features(self, pixel_values):
+    """The Flash model's two projections and its router, from one ViT pass over tiles [tiles, H, W, 3]:
+    (features [tiles, tokens_per_tile, d], compressed features [tiles, tokens_per_tile / 4, d],
+    p0 [tiles] float32 = the router's probability of compressing each tile)."""
+    if self.cfg.flash is None:
+      raise ValueError("this model has no ViR router (InternVLConfig.flash is None): it is not a Flash model")
+    hidden = self.vision_model(pixel_values)
+    full = extract_feature(hidden, self.mlp1, self.cfg.downsample_ratio)
+    compressed = extract_feature(hidden, self.mlp2, self.cfg.downsample_ratio ** 2)
+    return full, compressed, self.gating(self.pooling_before_gating(hidden[:, 1:]))[:, 0]
 
   def embed_inputs(self, input_ids, pixel_values=None, *, image_features=None, checked: bool = False,
                    rngs: nnx.Rngs | None = None):

@@ -25,8 +25,9 @@ class MLPProjector(nnx.Module):
     return dense("tnc,cd->tnd", gelu(h), self.linear_2[...]) + self.bias_2[...].astype(dt)
 
 
-def extract_feature(vit_hidden, projector: MLPProjector, downsample_ratio: float):
-  """ViT hidden states [tiles, 1 + g*g, Dv] -> LLM-ready features [tiles, (g*ratio)^2, Dl]."""
+def extract_feature(vit_hidden, projector, downsample_ratio: float):
+  """ViT hidden states [tiles, 1 + g*g, Dv] -> LLM-ready features [tiles, (g*ratio)^2, Dl], through `projector`
+  (`mlp1`, or the Flash model's `mlp2` at ratio 0.25)."""
   t, n, dv = vit_hidden.shape
   g = int(round((n - 1) ** 0.5))
   if g * g != n - 1:
