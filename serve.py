@@ -36,6 +36,8 @@ flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
 flags.DEFINE_integer("top_k", 0, "0 = off")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and weight dtype")
+flags.DEFINE_enum("flash", "auto", ["auto", "on", "off"], "InternVL3.5-Flash: route tiles through the ViR router "
+                  "(64 or 256 tokens per tile); auto = the checkpoint's flash_mode")
 
 
 def main(argv):
@@ -48,13 +50,14 @@ def main(argv):
       sys.exit(f"serve.py: {f.checkpoint} is a train.py workdir without an export yet (written at the end of the run)")
   model = ij.from_pretrained(path, dtype=jnp.dtype(f.dtype))
   processor = ij.Processor.from_pretrained(path)
+  flash = {"auto": None, "on": True, "off": False}[f.flash]
   if f.port is not None:
     import uvicorn
     from internvl_jax.inference.server import bind, make_app
     name = f.served_model_name or os.path.basename(os.path.normpath(f.checkpoint))
     app_ = make_app(model, processor, model_name=name, max_batch=f.max_batch, max_len=f.max_len,
                     max_tokens=f.max_new_tokens, max_request_bytes=f.max_request_bytes,
-                    max_image_pixels=f.max_image_pixels, seed=f.seed)
+                    max_image_pixels=f.max_image_pixels, seed=f.seed, flash=flash)
     sock = bind(f.host, f.port)
     host, port = sock.getsockname()[:2]
     print(f"serve.py: serving {name!r} on http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
@@ -72,7 +75,8 @@ def main(argv):
     printed[0] = len(text)
 
   ij.chat(model, processor, f.prompt, images=f.image or None, video=f.video, thinking=f.thinking,
-          max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, stream=show)
+          max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_p=f.top_p, top_k=f.top_k, stream=show,
+          flash=flash)
   sys.stdout.write("\n")
 
 

@@ -4,6 +4,7 @@ not), a decode loop that survives failures, 503 when it is gone, SIGTERM drainin
 compilations and memory stay flat."""
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -181,6 +182,43 @@ def test_openai_client(served):
   assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason is not None
   with pytest.raises(openai.NotFoundError, match="gpt-4"):
     client.chat.completions.create(model="gpt-4", messages=messages, max_tokens=6)
+
+
+def test_flash_server_routes_each_request_on_its_own_tiles(ckpt_dir):
+  """A Flash model served: answers equal `chat(..., flash=True)`, usage counts the visual tokens before and after
+  routing, and concurrent requests with different tile counts are each routed as they are alone."""
+  import openai
+  from internvl_jax.checkpoint.pretrained import load_config
+  from internvl_jax.config import FlashConfig
+  from internvl_jax.inference.server import make_app
+  processor = ij.Processor.from_pretrained(str(ckpt_dir))
+  cfg = load_config(str(ckpt_dir))[0].replace(flash=FlashConfig(relative_threshold=0.5, absolute_threshold=0.0))
+  model = ij.init_model(cfg, seed=2)
+  wide = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 150, 3), dtype=np.uint8))
+  app = make_app(model, processor, model_name="tiny", max_batch=2, max_len=MAX_LEN, max_tokens=6)
+  url, server, thread = start_server(app)
+  try:
+    cases = [("What is in the image?", IMAGE), ("Describe it.", wide)]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      replies = list(pool.map(lambda c: post(url, body(c[0], c[1], max_tokens=6)), cases))
+    for (question, image), r in zip(cases, replies):
+      assert r.status_code == 200, r.text
+      text, stats = ij.chat(model, processor, question, images=[image], max_new_tokens=6, flash=True,
+                            return_stats=True)
+      usage = r.json()["usage"]
+      assert r.json()["choices"][0]["message"]["content"].strip() == text
+      assert (usage["visual_tokens_before_routing"], usage["visual_tokens"]) == \
+          (stats["visual_tokens_before"], stats["visual_tokens_after"])
+      full = len(processor([{"role": "user", "content": question}], images=[image])["input_ids"])
+      assert usage["prompt_tokens"] == full - stats["visual_tokens_before"] + stats["visual_tokens_after"]
+    assert any(r.json()["usage"]["visual_tokens"] < r.json()["usage"]["visual_tokens_before_routing"] for r in replies)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    done = client.chat.completions.create(model="tiny", max_tokens=6, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(wide)}}, {"type": "text", "text": "Describe it."}]}])
+    assert done.usage.visual_tokens == replies[1].json()["usage"]["visual_tokens"]
+  finally:
+    server.should_exit = True
+    thread.join(timeout=30)
 
 
 def test_burst_of_100_concurrent_requests(served):

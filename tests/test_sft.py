@@ -8,6 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
+import internvl_jax as ij
 from internvl_jax import sharding, zoo
 from internvl_jax.training import optim
 from internvl_jax.training import sft
@@ -144,6 +145,15 @@ def test_frozen_parts_do_not_move_and_carry_no_optimizer_state():
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
   assert n_opt <= 2 * n_params + 8  # Adam's two moments of mlp1 only (+ counters)
+
+
+def test_flash_router_is_frozen_in_sft():
+  """A Flash model's router and mlp2 are outside the SFT loss: frozen, so weight decay cannot shrink them."""
+  model = nnx.eval_shape(lambda: ij.InternVL(zoo.get("tiny-flash"), rngs=nnx.Rngs(0)))
+  train, frozen = optim.split_trainable(nnx.state(model, nnx.Param), optim.PARTS)
+  assert set(train.keys()) == set(optim.PARTS) and set(frozen.keys()) == set(optim.FLASH_PARTS)
+  train, frozen = optim.split_trainable(nnx.state(model, nnx.Param), ("mlp1",))
+  assert set(train.keys()) == {"mlp1"} and set(optim.FLASH_PARTS) <= set(frozen.keys())
 
 
 def test_weight_decay_mask():

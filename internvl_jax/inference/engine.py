@@ -13,6 +13,9 @@ Each row's prompt sits at cache slots 0..len-1 (padding after it is marked inval
 row grows), so rows of different lengths decode side by side at their own positions, and a server can
 put a new request into any free row (continuous batching: `Engine.join`). The first token after a prefill
 is drawn by a jitted program too (`Engine.first_token`), shared by `generate` and the server.
+
+A Flash model (ViR, `model/vir.py`) routes before the prefill (`Engine.route`): one more program per tile
+bucket (ViT, both projections, the router), then the prefill takes the routed features instead of pixels.
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from flax import nnx
 
-from internvl_jax.inference.engine import Engine, init_cache
+from internvl_jax.inference.engine import Engine, init_cache, unrouted_stats, use_flash
 from internvl_jax.inference.sampling import Sampling, settings_arrays
 from internvl_jax.inference.openai_schema import BadRequest, Limits, parse
 
@@ -68,6 +68,7 @@ class Request:
   cancelled: bool = False
   tokens: list = dataclasses.field(default_factory=list)
   reason: str | None = None  # stop | length | cancelled | error, once it has ended
+  visual: dict | None = None  # visual tokens before / after Flash routing (engine.visual_stats), once prefilled
 
 
 Finished = collections.namedtuple("Finished", "id tokens reason")
@@ -94,8 +95,9 @@ def _held_back(text: str, stops) -> int:
 class Batcher:
   """The decode loop: admits queued requests into free cache rows and steps all running rows together."""
 
-  def __init__(self, model, processor, *, max_batch: int = 8, max_len: int = 4096):
+  def __init__(self, model, processor, *, max_batch: int = 8, max_len: int = 4096, flash: bool | None = None):
     self.engine, self.state = Engine(model), nnx.state(model)
+    self.flash = use_flash(model.cfg, flash)
     self.tok, self.cfg = processor.tokenizer, model.cfg
     self.max_batch, self.max_len = max_batch, max_len
     self.pending: queue.Queue[Request | None] = queue.Queue()
@@ -164,7 +166,13 @@ class Batcher:
         self._cancelled(req)
         continue
       try:
-        logits, one, rows = self.engine.prefill(self.state, [req.ids], req.pixels, self.max_len)
+        if self.flash:  # the request is routed on its own tiles; its row holds the shortened prompt
+          routed = self.engine.route(self.state, [req.ids], req.pixels)
+          req.ids, req.visual = routed.rows[0], routed.stats[0]
+          logits, one, rows = self.engine.prefill(self.state, [req.ids], None, self.max_len, features=routed.features)
+        else:
+          req.visual = unrouted_stats(req.ids, self.cfg)
+          logits, one, rows = self.engine.prefill(self.state, [req.ids], req.pixels, self.max_len)
         words = np.asarray([_seed_words(req.seed)] * rows, np.uint32)
         first, first_seen, _ = self.engine.first_token(logits, [req.ids], self._keys(words, np.zeros(rows, np.int32)),
                                                        settings_arrays([req.sampling], rows))
@@ -301,11 +309,13 @@ async def _next_event(req: Request, batcher: Batcher):
 
 def make_app(model, processor, *, model_name: str = "internvl", max_batch: int = 8, max_len: int = 4096,
              max_tokens: int = 512, max_request_bytes: int = Limits.max_request_bytes,
-             max_image_pixels: int = Limits.max_image_pixels, seed: int = 0) -> FastAPI:
-  """The app; its decode loop starts now and stops at the app's shutdown (uvicorn's lifespan)."""
+             max_image_pixels: int = Limits.max_image_pixels, seed: int = 0, flash: bool | None = None) -> FastAPI:
+  """The app; its decode loop starts now and stops at the app's shutdown (uvicorn's lifespan). flash: route
+  tiles through a Flash model's ViR router (default: the checkpoint's flash_mode); `usage` then reports
+  `prompt_tokens` after routing and `visual_tokens` / `visual_tokens_before_routing`."""
   limits = Limits(max_len=max_len, max_tokens=max_tokens, max_request_bytes=max_request_bytes,
                   max_image_pixels=max_image_pixels)
-  batcher = Batcher(model, processor, max_batch=max_batch, max_len=max_len)
+  batcher = Batcher(model, processor, max_batch=max_batch, max_len=max_len, flash=flash)
   seeds = np.random.default_rng(seed)  # for requests that bring none; used on the event loop only
 
   @contextlib.asynccontextmanager
@@ -346,7 +356,11 @@ def make_app(model, processor, *, model_name: str = "internvl", max_batch: int =
 
     def usage():
       n = len(req.tokens)
-      return {"prompt_tokens": len(req.ids), "completion_tokens": n, "total_tokens": len(req.ids) + n}
+      out = {"prompt_tokens": len(req.ids), "completion_tokens": n, "total_tokens": len(req.ids) + n}
+      if req.visual is not None:
+        out.update(visual_tokens=req.visual["visual_tokens_after"],
+                   visual_tokens_before_routing=req.visual["visual_tokens_before"])
+      return out
 
     if not parsed.stream:
       watcher = asyncio.create_task(_watch_disconnect(http, req))

@@ -10,6 +10,9 @@ import optax
 from flax import nnx
 
 PARTS = ("vision_model", "mlp1", "language_model")
+# InternVL3.5-Flash's ViR router and 64-token projector: outside the loss of SFT, MPO and GSPO (they run the
+# 256-token path), so they stay frozen there; weight decay would otherwise shrink them with zero gradients.
+FLASH_PARTS = ("mlp2", "pooling_before_gating", "gating")
 
 
 def decays(path) -> bool:
@@ -20,14 +23,17 @@ def decays(path) -> bool:
 
 
 def split_trainable(params: nnx.State, trainable: tuple[str, ...]):
-  """-> (trainable state, frozen state) by top-level part name ('vision_model', 'mlp1', 'language_model')."""
+  """-> (trainable state, frozen state) by top-level part name ('vision_model', 'mlp1', 'language_model'); a
+  Flash model's FLASH_PARTS are always frozen."""
   unknown = set(trainable) - set(PARTS)
   if unknown:
     raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
   if not trainable:
     raise ValueError("nothing to train: `trainable` is empty")
   train = lambda path, _: str(path[0]) in trainable
-  return nnx.split_state(params, train, ...) if len(trainable) < len(PARTS) else (params, nnx.State({}))
+  if {str(path[0]) for path, _ in nnx.to_flat_state(params)} <= set(trainable):
+    return params, nnx.State({})
+  return nnx.split_state(params, train, ...)
 
 
 def schedule(lr: float, steps: int, warmup: float | int, final_fraction: float = 0.0):

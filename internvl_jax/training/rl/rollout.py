@@ -61,7 +61,7 @@ def sample(model, engine: Engine, processor, questions: list, *, group_size: int
     out, lp = generate(model, batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                        seed=seed + start, eos_token_ids=(tok.eos_id,), pad_token_id=tok.pad_id,
-                       return_logps=True, engine=engine)
+                       return_logps=True, engine=engine, flash=False)  # the step scores the 256-token prompt
     ids.append(out)
     logps.append(lp)
   p = len(prompts)
