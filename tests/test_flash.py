@@ -216,15 +216,44 @@ def test_compressed_prompt_equals_a_forward_over_the_hand_shortened_sequence(geo
 
 
 def test_absolute_threshold_above_one_gives_the_plain_answer(geometry_model):
-  model = nnx.merge(nnx.graphdef(geometry_model), nnx.state(geometry_model))
-  model.cfg = GEOMETRY.replace(flash=dataclasses.replace(GEOMETRY.flash, absolute_threshold=1.01))
+  """Also: thresholds changed on a model that has generated already take effect (its engine is cached)."""
   rng = np.random.default_rng(1)
   ids, pv = prompt(rng, (4,))[None], pixels(4, seed=2)
-  flash, logp_f, stats = generate(model, ids, pv, max_new_tokens=6, flash=True, return_logps=True, return_stats=True)
+  assert generate(geometry_model, ids, pv, max_new_tokens=1, return_stats=True)[1][0]["compressed_tiles"] > 0
+  try:
+    geometry_model.cfg = GEOMETRY.replace(flash=dataclasses.replace(GEOMETRY.flash, absolute_threshold=1.01))
+    flash, logp_f, stats = generate(geometry_model, ids, pv, max_new_tokens=6, flash=True, return_logps=True,
+                                    return_stats=True)
+  finally:
+    geometry_model.cfg = GEOMETRY
   plain, logp_p = generate(geometry_model, ids, pv, max_new_tokens=6, flash=False, return_logps=True)
   assert stats[0]["compressed_tiles"] == 0 and stats[0]["visual_tokens_after"] == 4 * GEOMETRY.tokens_per_tile
   np.testing.assert_array_equal(flash, plain)
   np.testing.assert_allclose(logp_f, logp_p, atol=1e-5)
+
+
+def test_tiles_of_another_size_route_by_their_own_token_counts(geometry_model):
+  """112 px tiles on a 56 px model (the ViT interpolates): 64 tokens per tile, 16 compressed, as the plain path
+  counts them; the routed features are those tiles' own."""
+  t, c = 64, 16
+  ids = np.asarray([7, 8] + [IMAGE_TOKEN] * (3 * t) + [9], np.int64)
+  pv = pixels(3, seed=7, size=112)
+  engine, state = engine_for(geometry_model), nnx.state(geometry_model)
+  routed = engine.route(state, [ids], pv)
+  stats = routed.stats[0]
+  assert stats["visual_tokens_before"] == 3 * t and 0 < stats["compressed_tiles"] < 3
+  assert len(routed.rows[0]) == len(ids) - stats["compressed_tiles"] * (t - c)
+  full, compressed, index, n = routed.features
+  table = np.concatenate([np.asarray(full).reshape(-1, full.shape[-1]),
+                          np.asarray(compressed).reshape(-1, compressed.shape[-1])])
+  f, q, p0 = (np.asarray(x) for x in flash_features(geometry_model, jnp.asarray(pv)))
+  squeeze = torch_rule(p0, 0.5, 0.0)
+  want = np.concatenate([q[i] if sq else f[i] for i, sq in enumerate(squeeze)])
+  np.testing.assert_allclose(table[np.asarray(index)[:n]], want, atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="make 1 tiles of 64 tokens but pixel_values hold 3"):
+    engine.route(state, [np.asarray([7] + [IMAGE_TOKEN] * t + [9])], pv)
+  with pytest.raises(ValueError, match="has 48 tokens, not a multiple of tokens_per_tile=64"):
+    engine.route(state, [np.asarray([7] + [IMAGE_TOKEN] * 48 + [9])], pv)  # 56 px tiles' count, 112 px tiles
 
 
 def test_a_batch_of_flash_requests_equals_each_request_alone(geometry_model):
@@ -314,3 +343,14 @@ def test_router_weights_without_flash_config_keys_load_with_defaults(flash_ckpt,
   with pytest.warns(UserWarning, match="flash_relative_threshold and flash_absolute_threshold absent"):
     model = from_pretrained(str(tmp_path))
   assert model.cfg.flash == FlashConfig(mode=False)  # the remote code's default: flash_mode off
+
+
+def test_a_plain_checkpoint_saying_flash_mode_false_loads_plain(tmp_path):
+  save_pretrained(ij.init_model(zoo.get("tiny-dense")), str(tmp_path), layout="original")
+  with open(tmp_path / "config.json") as f:
+    config = json.load(f)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({**config, "flash_mode": False}, f)
+  assert from_pretrained(str(tmp_path)).cfg.flash is None
+  with pytest.raises(TypeError, match="flash= takes a dict"):
+    from_pretrained(str(tmp_path), flash=False)

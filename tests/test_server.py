@@ -185,8 +185,8 @@ def test_openai_client(served):
 
 
 def test_flash_server_routes_each_request_on_its_own_tiles(ckpt_dir):
-  """A Flash model served: answers equal `chat(..., flash=True)`, usage counts the visual tokens before and after
-  routing, and concurrent requests with different tile counts are each routed as they are alone."""
+  """A Flash model served: concurrent requests with different tile counts decode side by side and each answers
+  as `chat(..., flash=True)` does alone; usage counts the visual tokens before and after routing."""
   import openai
   from internvl_jax.checkpoint.pretrained import load_config
   from internvl_jax.config import FlashConfig

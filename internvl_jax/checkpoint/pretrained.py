@@ -82,10 +82,11 @@ def _image_token_from_tokenizer(folder: str) -> int | None:
 def flash_config_from_dict(c: dict, layout: str, where: str, flash_weights: bool = False) -> FlashConfig | None:
   """The ViR settings of a Flash checkpoint (config keys flash_mode, flash_relative_threshold,
   flash_absolute_threshold, and our flash_rule / flash_pooling), or None for a plain one. A checkpoint is a
-  Flash one when its config says so or its weights hold the router. flash_mode defaults to False in the
+  Flash one when its weights hold the router, or its config says flash_mode true or model_type internvl_flash
+  (not is_flash_model false): a plain config may carry flash_mode false. flash_mode defaults to False in the
   original layout (the remote code's getattr default) and True in transformers' internvl_flash (which always
   routes). Absent thresholds keep FlashConfig's defaults, with a warning: the released values are unknown."""
-  flagged = "flash_mode" in c or c.get("model_type") == "internvl_flash" or "flash_relative_threshold" in c
+  flagged = c.get("flash_mode") is True or (c.get("model_type") == "internvl_flash" and c.get("is_flash_model", True))
   if not (flagged or flash_weights):
     return None
   d = FlashConfig()
@@ -194,6 +195,7 @@ def config_to_dict(cfg: InternVLConfig, layout: str) -> dict:
         text_config=dict(model_type=t.arch, **_text_dict(t)))
     if flash:  # transformers' internvl_flash (model_type and class of its port)
       hf.update(architectures=["InternvlFlashForConditionalGeneration"], model_type="internvl_flash", **flash)
+      hf["vision_config"]["model_type"] = "internvl_flash_vision"
     return hf
   return dict(
       architectures=["InternVLChatModel"], model_type="internvl_chat", downsample_ratio=cfg.downsample_ratio,
@@ -327,6 +329,8 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   if cfg.flash is None and any(k.startswith(_FLASH_PREFIXES[layout]) for k in sources):
     cfg, layout = load_config(path, flash_weights=True)
   flash = config_overrides.pop("flash", {})
+  if not isinstance(flash, (dict, FlashConfig)) and flash is not None:
+    raise TypeError(f"flash= takes a dict of FlashConfig fields (or a FlashConfig), got {flash!r}")
   if isinstance(flash, dict) and flash:
     if cfg.flash is None:
       raise ValueError(f"{path}: flash={flash} given, but the checkpoint is not a Flash one (no ViR router)")

@@ -69,9 +69,9 @@ class Routed:
   stats: list[dict]
 
 
-def visual_stats(tiles: int, compressed: int, cfg) -> dict:
-  t = cfg.tokens_per_tile
-  saved = compressed * (t - cfg.compressed_tokens_per_tile)
+def visual_stats(tiles: int, compressed: int, t: int, c: int) -> dict:
+  """Visual tokens of a request of `tiles` tiles of t tokens, `compressed` of them down to c."""
+  saved = compressed * (t - c)
   return {"tiles": tiles, "compressed_tiles": compressed, "visual_tokens_before": tiles * t,
           "visual_tokens_after": tiles * t - saved}
 
@@ -139,20 +139,24 @@ class Engine:
 
   # ------------------------------------------------------------------------------- host side
 
-  def route(self, state, rows: list[np.ndarray], pixel_values) -> Routed:
+  def route(self, state, rows: list[np.ndarray], pixel_values, *, flash=None) -> Routed:
     """Flash (ViR): one ViT pass over all rows' tiles gives both projections and each tile's p0; every row is
     routed on its own tiles (`vir.route`: the quantile is over that request's tiles, so a row's routing does
     not depend on what it is batched with) and shortened (`vir.compress_row`). Rows' <IMG_CONTEXT> runs must
-    be whole tiles; the tiles' count must match theirs."""
-    if self.cfg.flash is None:
+    be whole tiles; the tiles' count must match theirs. flash: the FlashConfig to route by (default the
+    engine's model's; `generate` passes its model's current one)."""
+    flash = flash or self.cfg.flash
+    if flash is None:
       raise ValueError("this model has no ViR router (InternVLConfig.flash is None): flash=True needs a Flash model")
-    counts = [vir.tiles_in_row(r, self.cfg, i) for i, r in enumerate(rows)]
     n_tiles = 0 if pixel_values is None else len(pixel_values)
+    tokens = vir.tile_tokens(self.cfg, pixel_values.shape) if n_tiles else None
+    counts = [vir.tiles_in_row(r, self.cfg, i, tokens=tokens) for i, r in enumerate(rows)]
     if sum(counts) != n_tiles:
-      raise ValueError(f"<IMG_CONTEXT> count mismatch: the rows' image tokens make {sum(counts)} tiles of "
-                       f"{self.cfg.tokens_per_tile} tokens but pixel_values hold {n_tiles} tiles")
+      t = (tokens or (self.cfg.tokens_per_tile,))[0]
+      raise ValueError(f"<IMG_CONTEXT> count mismatch: the rows' image tokens make {sum(counts)} tiles of {t} "
+                       f"tokens but pixel_values hold {n_tiles} tiles")
     if not n_tiles:
-      return Routed(list(rows), None, [visual_stats(0, 0, self.cfg) for _ in rows])
+      return Routed(list(rows), None, [unrouted_stats(r, self.cfg) for r in rows])
     table = bucket(n_tiles)
     pixels = np.zeros((table,) + tuple(pixel_values.shape[1:]), np.float32)
     pixels[:n_tiles] = pixel_values
@@ -160,11 +164,11 @@ class Engine:
     p0 = np.asarray(p0)
     out, index, stats, first = [], [], [], 0
     for r, n in zip(rows, counts):
-      squeeze = vir.route(p0[first:first + n], self.cfg.flash)
-      ids, idx = vir.compress_row(r, squeeze, self.cfg, first_tile=first, table_tiles=table)
+      squeeze = vir.route(p0[first:first + n], flash)
+      ids, idx = vir.compress_row(r, squeeze, self.cfg, first_tile=first, table_tiles=table, tokens=tokens)
       out.append(ids)
       index.append(idx)
-      stats.append(visual_stats(n, int(squeeze.sum()), self.cfg))
+      stats.append(visual_stats(n, int(squeeze.sum()), *tokens))
       first += n
     index = np.concatenate(index)
     padded = np.zeros(bucket(index.size), np.int32)
@@ -269,7 +273,7 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   rows = [r[m.astype(bool)] for r, m in zip(ids, mask)]
   engine, state = engine or engine_for(model), nnx.state(model)
   pixels = None if pixel_values is None else np.asarray(pixel_values)
-  routed = engine.route(state, rows, pixels) if use_flash(model.cfg, flash) else None
+  routed = engine.route(state, rows, pixels, flash=model.cfg.flash) if use_flash(model.cfg, flash) else None
   if routed is not None:
     rows = routed.rows
   cache_len = bucket(length_bucket(max(len(r) for r in rows)) + max_new_tokens, 16)

@@ -311,8 +311,8 @@ def make_app(model, processor, *, model_name: str = "internvl", max_batch: int =
              max_tokens: int = 512, max_request_bytes: int = Limits.max_request_bytes,
              max_image_pixels: int = Limits.max_image_pixels, seed: int = 0, flash: bool | None = None) -> FastAPI:
   """The app; its decode loop starts now and stops at the app's shutdown (uvicorn's lifespan). flash: route
-  tiles through a Flash model's ViR router (default: the checkpoint's flash_mode); `usage` then reports
-  `prompt_tokens` after routing and `visual_tokens` / `visual_tokens_before_routing`."""
+  tiles through a Flash model's ViR router (default: the checkpoint's flash_mode); `usage` reports
+  `prompt_tokens` after routing and, for every model, `visual_tokens` / `visual_tokens_before_routing`."""
   limits = Limits(max_len=max_len, max_tokens=max_tokens, max_request_bytes=max_request_bytes,
                   max_image_pixels=max_image_pixels)
   batcher = Batcher(model, processor, max_batch=max_batch, max_len=max_len, flash=flash)

@@ -10,7 +10,7 @@ The modules compute what the released remote code computes at inference (dropout
 float32 whatever the compute dtype: its output is compared against thresholds, and it costs about 1% of the
 ViT. Attention with one query is computed with the query folded into the key weights (the key bias adds the
 same score to every key, so softmax drops it; the value projection is applied after the weighted sum of the
-tokens), which is torch's nn.MultiheadAttention up to rounding at 1/40 of its cost.
+tokens), which is torch's nn.MultiheadAttention up to rounding at a fraction of its cost.
 """
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ EXPANSION = 4  # Gating(hidden_size, expansion_factor=4)
 
 def _f32(p):
   return p[...].astype(_F32)
+
+
+def _einsum(spec, *operands):
+  # full float32 products: TPU (bf16 passes) and GPU (TF32) would otherwise round them by default
+  return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST)
 
 
 class MLP2(nnx.Module):
@@ -67,12 +72,12 @@ class PoolingAttention(nnx.Module):
   def __call__(self, query, tokens):
     """query [n, Dv], tokens [n, L, Dv] (float32) -> [n, Dv]."""
     w, b = _f32(self.in_proj), _f32(self.in_bias)
-    q = jnp.einsum("nd,dhk->nhk", query, w[:, 0]) + b[0]
-    folded = jnp.einsum("nhk,dhk->nhd", q, w[:, 1]) / np.sqrt(q.shape[-1])
-    weights = jax.nn.softmax(jnp.einsum("nld,nhd->nhl", tokens, folded), axis=-1)
-    pooled = jnp.einsum("nhl,nld->nhd", weights, tokens)
-    v = jnp.einsum("nhd,dhk->nhk", pooled, w[:, 2]) + b[2]
-    return jnp.einsum("nhk,hkd->nd", v, _f32(self.out_proj)) + _f32(self.out_bias)
+    q = _einsum("nd,dhk->nhk", query, w[:, 0]) + b[0]
+    folded = _einsum("nhk,dhk->nhd", q, w[:, 1]) / np.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(_einsum("nld,nhd->nhl", tokens, folded), axis=-1)
+    pooled = _einsum("nhl,nld->nhd", weights, tokens)
+    v = _einsum("nhd,dhk->nhk", pooled, w[:, 2]) + b[2]
+    return _einsum("nhk,hkd->nd", v, _f32(self.out_proj)) + _f32(self.out_bias)
 
 
 class CrossAttentionPooling(nnx.Module):
@@ -109,8 +114,8 @@ class GatingBlock(nnx.Module):
     self.norm = LayerNorm(dim, 1e-5, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x):
-    h = gelu(x @ _f32(self.fc1) + _f32(self.fc1_bias))
-    return self.norm(h @ _f32(self.fc2) + _f32(self.fc2_bias))
+    h = gelu(_einsum("nd,de->ne", x, _f32(self.fc1)) + _f32(self.fc1_bias))
+    return self.norm(_einsum("ne,ed->nd", h, _f32(self.fc2)) + _f32(self.fc2_bias))
 
 
 class Gating(nnx.Module):
@@ -127,7 +132,7 @@ class Gating(nnx.Module):
   def __call__(self, x):
     for k in range(1, 5):
       x = x + getattr(self, f"block{k}")(x)
-    return jax.nn.softmax(self.gate_norm(x) @ _f32(self.gate_proj) + _f32(self.gate_bias), axis=-1)
+    return jax.nn.softmax(_einsum("nd,dk->nk", self.gate_norm(x), _f32(self.gate_proj)) + _f32(self.gate_bias), axis=-1)
 
 
 # ------------------------------------------------------------------------------------ routing (host side)
@@ -146,11 +151,23 @@ def route(p0, flash: FlashConfig) -> np.ndarray:
   return (p0 > np.quantile(p0, flash.relative_threshold).astype(np.float32)) & absolute
 
 
-def tiles_in_row(ids, cfg: InternVLConfig, row: int = 0) -> int:
+def tile_tokens(cfg: InternVLConfig, pixel_shape) -> tuple[int, int]:
+  """(tokens of a tile, tokens of a compressed tile) for tiles of shape [tiles, H, W, 3]: (256, 64) for 448 px
+  tiles; other sizes count from their patch grid, as the plain path does (`internvl.feature_count`)."""
+  h, w, p = pixel_shape[1], pixel_shape[2], cfg.vision.patch_size
+  r = int(round(1 / cfg.downsample_ratio))
+  if h % p or w % p or (h // p) % (r * r) or (w // p) % (r * r):
+    raise ValueError(f"Flash routing needs tiles whose patch grid divides by {r * r} (the second pixel shuffle): "
+                     f"got {h}x{w} px tiles of {p} px patches")
+  return (h // p // r) * (w // p // r), (h // p // r // r) * (w // p // r // r)
+
+
+def tiles_in_row(ids, cfg: InternVLConfig, row: int = 0, *, tokens: tuple[int, int] | None = None) -> int:
   """How many tiles a row's <IMG_CONTEXT> runs hold; each run must be a whole number of tiles (the released
-  compression splits runs into blocks of tokens_per_tile), else an error naming the run."""
+  compression splits runs into blocks of tokens_per_tile), else an error naming the run. tokens: (T, C) of
+  the request's tiles (`tile_tokens`; default the config's)."""
   ids = np.asarray(ids)
-  t = cfg.tokens_per_tile
+  t = (tokens or (cfg.tokens_per_tile, cfg.compressed_tokens_per_tile))[0]
   is_image = np.concatenate([[0], (ids == cfg.image_token_id).astype(np.int8), [0]])
   starts, ends = np.flatnonzero(np.diff(is_image) == 1), np.flatnonzero(np.diff(is_image) == -1)
   for s, e in zip(starts, ends):
@@ -160,15 +177,16 @@ def tiles_in_row(ids, cfg: InternVLConfig, row: int = 0) -> int:
   return int(np.sum(ends - starts)) // t
 
 
-def compress_row(ids, compress, cfg: InternVLConfig, *, first_tile: int, table_tiles: int):
+def compress_row(ids, compress, cfg: InternVLConfig, *, first_tile: int, table_tiles: int,
+                 tokens: tuple[int, int] | None = None):
   """One row's ids with the routed tiles shortened, and where each kept <IMG_CONTEXT> slot takes its feature.
 
   compress: bool [tiles of this row]; the row's tiles are rows first_tile.. of the feature tables. Features are
   looked up in the flat table concat(e256.reshape(table_tiles * T, d), e64.reshape(table_tiles * C, d)): a
   compressed tile keeps its first C slots and takes e64's features, the others keep all T and take e256's.
-  -> (new ids, index [kept image tokens] into that table)."""
+  tokens: (T, C) as in `tiles_in_row`. -> (new ids, index [kept image tokens] into that table)."""
   ids = np.asarray(ids)
-  t, c = cfg.tokens_per_tile, cfg.compressed_tokens_per_tile
+  t, c = tokens or (cfg.tokens_per_tile, cfg.compressed_tokens_per_tile)
   positions = np.flatnonzero(ids == cfg.image_token_id)  # tile k owns positions[k*T:(k+1)*T]
   tile, slot = np.divmod(np.arange(positions.size), t)
   squeezed = np.asarray(compress, bool)[tile]

@@ -128,7 +128,8 @@ class Evaluator:
       samples = [self.processor(q["messages"], images=q["images"] or None) for q in chunk]
       batch = pad_batch(samples, tok.pad_id, side="left")
       ids = generate(model, batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-                     max_new_tokens=self.cfg.eval.max_new_tokens, eos_token_ids=(tok.eos_id,), pad_token_id=tok.pad_id)
+                     max_new_tokens=self.cfg.eval.max_new_tokens, eos_token_ids=(tok.eos_id,), pad_token_id=tok.pad_id,
+                     flash=False)  # the 256-token path training changes (a Flash model's router is frozen)
       for q, row in zip(chunk, ids):
         text = tok.decode([int(i) for i in row if i not in (tok.pad_id, tok.eos_id)]).strip()
         out.append((q["dataset"], self.scorer(text, q["reference"]), text, q["reference"]))
