@@ -7,8 +7,12 @@ compress no tile, about half (the tiles above the median p0) or all of them, and
 apart: the ViT with `mlp1` (the 256-token features both paths need), the router with `mlp2` (pooling, gating,
 the 64-token features and the host's routing decision: what Flash adds), the LLM prefill of the shortened
 prompt up to the first token (the generation engine's jitted programs), and decode tokens/s after it. The
-baseline runs the same ViT and prefill programs without the router, on the unshortened prompt. Compiles
-are done before timing and not counted; times are the best of --repeats.
+baseline runs the same ViT and prefill programs without the router, on the unshortened prompt. Every
+program runs once before it is timed (compiling it, and paying its first run: several times a later one
+on some machines); times are the best of --repeats. The ViT runs tile by tile, one program for every tile
+count (tiles are independent, and one tile's 1025 tokens already make large matmuls). Time to first token
+(TTFT) = ViT + router + prefill; each case's prefill time, TTFT and decode speed are printed as ratios
+"x no routing".
 
   python benchmarks/flash.py [--preset InternVL3.5-1B-Flash] [--tiles 1,6,12] [--decode-steps 16]
                              [--text-tokens 64] [--repeats 1]
@@ -33,12 +37,13 @@ from flax import nnx
 
 import internvl_jax as ij
 from internvl_jax import zoo
-from internvl_jax.inference.engine import Engine, bucket, length_bucket
+from internvl_jax.inference.engine import Engine, bucket, length_bucket, visual_stats
 from internvl_jax.inference.sampling import Sampling, settings_arrays
 from internvl_jax.model import vir
 from internvl_jax.model.projector import extract_feature
 
-# The routing outcomes, forced through the thresholds (p0 lies in [0, 1]); the parameters stay the same.
+# The routing outcomes, forced through the thresholds (p0 lies in [0, 1]); the parameters stay the same. 'half'
+# keeps the released rule, which never compresses the lowest-ranked tile: a one-tile image stays whole.
 CASES = {
     "none": dict(absolute_threshold=2.0),
     "half": dict(rule="released", relative_threshold=0.5, absolute_threshold=0.0),
@@ -46,9 +51,10 @@ CASES = {
 }
 
 
-def best(fn, repeats):
-  """Best wall time of fn() over `repeats` runs after one warm-up (compiling) run, and its last result."""
-  out = jax.block_until_ready(fn())
+def best(fn, repeats, warm=True):
+  """Best wall time of fn() over `repeats` runs, after a warm-up run unless its programs already ran, and the
+  last result."""
+  out = jax.block_until_ready(fn()) if warm else None
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -78,8 +84,8 @@ def router_and_mlp2(model, hidden):
   return compressed, model.gating(model.pooling_before_gating(hidden[:, 1:]))[:, 0]
 
 
-def llm(engine, state, row, features, steps, repeats):
-  """Prefill of one row up to its first token (best time), then decode tokens/s over `steps` steps."""
+def llm(engine, state, row, features, steps, repeats, warm):
+  """Prefill of one row up to its first token (best time), then decode tokens/s (median of `steps` steps)."""
   cache_len = bucket(length_bucket(len(row)) + steps + 2, 16)  # as generate sizes it, plus the warm-up step
   settings = settings_arrays([Sampling()], engine.min_batch)
   key = jax.random.key(0)
@@ -89,17 +95,19 @@ def llm(engine, state, row, features, steps, repeats):
     tokens, seen, _ = engine.first_token(logits, [row], key, settings)
     return tokens, cache, seen, b
 
-  prefill_s, (tokens, cache, seen, b) = best(first, repeats)
+  prefill_s, (tokens, cache, seen, b) = best(first, repeats, warm)
   active = jnp.asarray(np.arange(b) < 1)
   # One span for every step (covering the last one), so no step compiles a wider attention program mid-timing.
   longest = len(row) + steps + 1
-  tokens, cache, seen, _ = engine.decode(state, tokens, cache, seen, active, key, settings, longest)  # compile
+  tokens, cache, seen, _ = engine.decode(state, tokens, cache, seen, active, key, settings, longest)  # warm-up
   jax.block_until_ready(tokens)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    tokens, cache, seen, _ = engine.decode(state, tokens, cache, seen, active, key, settings, longest)
-  jax.block_until_ready(tokens)
-  return prefill_s, steps / (time.perf_counter() - t0)
+  times = []
+  for _ in range(steps):  # per step, so the median drops the stalls of a shared machine
+    t0 = time.perf_counter()
+    tokens, cache, seen, _ = jax.block_until_ready(engine.decode(state, tokens, cache, seen, active, key, settings,
+                                                                 longest))
+    times.append(time.perf_counter() - t0)
+  return prefill_s, 1 / float(np.median(times))
 
 
 def main():
@@ -119,43 +127,57 @@ def main():
   vit = jax.jit(lambda s, px: vit_and_mlp1(nnx.merge(graphdef, s), px))
   router = jax.jit(lambda s, hidden: router_and_mlp2(nnx.merge(graphdef, s), hidden))
   size, t, c, d = cfg.vision.image_size, cfg.tokens_per_tile, cfg.compressed_tokens_per_tile, cfg.text.hidden_size
+  # Warm-ups of the programs every tile count shares: the one-tile ViT and the first token (logits [b, vocab]).
+  jax.block_until_ready(vit(state, np.zeros((1, size, size, 3), np.float32)))
+  engine.first_token(jnp.zeros((engine.min_batch, cfg.text.vocab_size)), [np.zeros(1, np.int32)], jax.random.key(0),
+                     settings_arrays([Sampling()], engine.min_batch))
   print(f"{args.preset} (random weights, float32), {args.text_tokens} text tokens around the image, "
-        f"{args.decode_steps} decode steps, jax {jax.__version__} on {jax.devices()[0].device_kind}; "
-        f"a tile is {t} visual tokens, {c} when compressed")
+        f"{args.decode_steps} decode steps, best of {args.repeats}, jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}; a tile is {t} visual tokens, {c} when compressed")
   for n in (int(x) for x in args.tiles.split(",")):
     tiles = n + 1 if n > 1 else n
-    pixels = jnp.asarray(np.random.default_rng(n).standard_normal((tiles, size, size, 3)).astype(np.float32))
+    pixels = np.random.default_rng(n).standard_normal((tiles, size, size, 3)).astype(np.float32)
     row = prompt(cfg, tiles, args.text_tokens)
-    vit_s, (hidden, full) = best(lambda: vit(state, pixels), args.repeats)
+
+    vit_s, out = best(lambda: [vit(state, pixels[i:i + 1]) for i in range(tiles)], args.repeats, warm=False)
+    hidden, full = (jnp.concatenate(x) for x in zip(*out))  # not timed: a batched ViT gives them joined
+
+    def features(compressed, squeeze):
+      """The shortened row and Engine.prefill's features for it, as Engine.route builds them."""
+      ids, index = vir.compress_row(row, squeeze, cfg, first_tile=0, table_tiles=tiles)
+      padded = np.zeros(bucket(index.size), np.int32)  # Engine.route pads it too, bounding the prefill programs
+      padded[:index.size] = index
+      return ids, (full, compressed, jnp.asarray(padded), index.size), visual_stats(tiles, int(squeeze.sum()), t, c)
 
     def routed(flash):
       compressed, p0 = router(state, hidden)
-      squeeze = vir.route(np.asarray(p0), flash)
-      ids, index = vir.compress_row(row, squeeze, cfg, first_tile=0, table_tiles=tiles)
-      padded = np.zeros(bucket(index.size), np.int32)  # as Engine.route pads it, bounding the prefill programs
-      padded[:index.size] = index
-      return ids, (full, compressed, jnp.asarray(padded), index.size), int(squeeze.sum())
+      return features(compressed, vir.route(np.asarray(p0), flash))
 
-    # No routing: every tile's 256 features, through the same prefill program (the compressed table unused).
-    plain = routed(dataclasses.replace(cfg.flash, **CASES["none"]))[1]
-    plain = (full, jnp.zeros((tiles, c, d), full.dtype)) + plain[2:]
-    results = {"no routing": (0.0, (row, plain, 0), *llm(engine, state, row, plain, args.decode_steps, args.repeats))}
-    for case, kw in CASES.items():
-      router_s, (ids, features, k) = best(lambda: routed(dataclasses.replace(cfg.flash, **kw)), args.repeats)
-      results[case] = (router_s, (ids, features, k), *llm(engine, state, ids, features, args.decode_steps,
-                                                          args.repeats))
-    print(f"\n{n} tile{'s' * (n > 1)}{' + thumbnail' * (n > 1)}: {tiles} tile{'s' * (tiles > 1)}, prompt {len(row)} "
-          f"tokens without routing")
+    results, lengths = {}, set()
+    for case in ("no routing", *CASES):
+      if case == "no routing":  # every tile's 256 features, through the same prefill program (the compressed
+        router_s = None  # table there, unused), so only the prompt differs
+        ids, feats, stats = features(jnp.zeros((tiles, c, d), full.dtype), np.zeros(tiles, bool))
+      else:
+        flash = dataclasses.replace(cfg.flash, **CASES[case])
+        router_s, (ids, feats, stats) = best(lambda: routed(flash), args.repeats)
+      # A prompt length seen before means the same prefill program, already warm.
+      results[case] = (router_s, stats, len(ids), *llm(engine, state, ids, feats, args.decode_steps, args.repeats,
+                                                       warm=len(ids) not in lengths))
+      lengths.add(len(ids))
+
+    print(f"\n{n} tile{'s' * (n > 1)}{' + thumbnail' * (n > 1)} ({tiles} in all)")
     print(f"  {'case':10s} {'compressed':>10s} {'visual tok':>10s} {'prompt':>7s} {'ViT s':>8s} {'router s':>8s} "
           f"{'prefill s':>9s} {'TTFT s':>8s} {'decode tok/s':>12s}")
     ttft = {}
-    for case, (router_s, (ids, _, k), prefill_s, tok_s) in results.items():
-      ttft[case] = vit_s + router_s + prefill_s
-      print(f"  {case:10s} {f'{k}/{tiles}':>10s} {tiles * t - k * (t - c):10d} {len(ids):7d} {vit_s:8.3f} "
-            f"{f'{router_s:.3f}' if router_s else '-':>8s} {prefill_s:9.3f} {ttft[case]:8.3f} {tok_s:12.2f}")
-    _, _, base_prefill, base_tok = results["no routing"]
+    for case, (router_s, stats, length, prefill_s, tok_s) in results.items():
+      ttft[case] = vit_s + (router_s or 0.0) + prefill_s
+      squeezed = f"{stats['compressed_tiles']}/{tiles}"
+      print(f"  {case:10s} {squeezed:>10s} {stats['visual_tokens_after']:10d} {length:7d} {vit_s:8.3f} "
+            f"{'-' if router_s is None else f'{router_s:.3f}':>8s} {prefill_s:9.3f} {ttft[case]:8.3f} {tok_s:12.2f}")
+    *_, base_prefill, base_tok = results["no routing"]
     for case in CASES:
-      _, _, prefill_s, tok_s = results[case]
+      *_, prefill_s, tok_s = results[case]
       print(f"  {case:5s} prefill time {prefill_s / base_prefill:5.2f}x, time to first token "
             f"{ttft[case] / ttft['no routing']:5.2f}x, decode speed {tok_s / base_tok:5.2f}x no routing")
 

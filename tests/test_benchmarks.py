@@ -1,5 +1,5 @@
-"""The benchmarks run on the CPU (kernels: XLA paths, small shapes; inference: a tiny preset; the planner: one
-model) and print their tables."""
+"""The benchmarks run on the CPU (kernels: XLA paths, small shapes; inference and Flash routing: tiny presets;
+the planner: one model) and print their tables."""
 import subprocess
 import sys
 
@@ -18,6 +18,16 @@ def test_inference_benchmark_runs():
   for dtype in ("float32", "bfloat16"):
     assert f"\n{dtype}:" in out
   assert out.count("time ratio") == 2 and out.count("speed ratio") == 4
+
+
+def test_flash_benchmark_runs():
+  out = subprocess.run([sys.executable, "benchmarks/flash.py", "--preset", "tiny-flash", "--tiles", "1,2",
+                        "--decode-steps", "2"], check=True, capture_output=True, text=True).stdout
+  assert "\n1 tile (1 in all)" in out and "\n2 tiles + thumbnail (3 in all)" in out
+  assert out.count("  no routing ") == 2
+  for case, compressed in (("none", "0/3"), ("half", "1/3"), ("all", "3/3")):  # the 3-tile table's routing
+    assert f"  {case:10s} {compressed:>10s}" in out
+  assert out.count("x no routing") == 6 and out.count("decode speed") == 6
 
 
 def test_plan_benchmark_runs():
