@@ -329,14 +329,12 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   if cfg.flash is None and any(k.startswith(_FLASH_PREFIXES[layout]) for k in sources):
     cfg, layout = load_config(path, flash_weights=True)
   flash = config_overrides.pop("flash", {})
-  if not isinstance(flash, (dict, FlashConfig)) and flash is not None:
-    raise TypeError(f"flash= takes a dict of FlashConfig fields (or a FlashConfig), got {flash!r}")
-  if isinstance(flash, dict) and flash:
-    if cfg.flash is None:
+  if isinstance(flash, dict):
+    if flash and cfg.flash is None:
       raise ValueError(f"{path}: flash={flash} given, but the checkpoint is not a Flash one (no ViR router)")
-    flash = dataclasses.replace(cfg.flash, **flash)
-  elif isinstance(flash, dict):
-    flash = cfg.flash
+    flash = dataclasses.replace(cfg.flash, **flash) if flash else cfg.flash
+  elif flash is not None and not isinstance(flash, FlashConfig):
+    raise TypeError(f"flash= takes a dict of FlashConfig fields (or a FlashConfig), got {flash!r}")
   if flash is None and cfg.flash is not None:
     raise ValueError(f"{path}: a Flash checkpoint; flash=None would leave its router weights unread")
   cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype or dtype).name, flash=flash,
