@@ -8,7 +8,9 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.stage = "sft"  # 'sft' (also pre-training), or a Cascade RL stage: 'mpo' (offline), 'gspo' (online)
+  # 'sft' (also pre-training); a Cascade RL stage: 'mpo' (offline), 'gspo' (online); a ViCO stage
+  # (InternVL3.5-Flash, after Cascade RL): 'vico_consistency', then 'vico_router'
+  c.stage = "sft"
   c.seed = 0
   c.steps = 1000
   c.batch_size = 8  # global rows (packed sequences) per optimiser step, over all processes
@@ -53,6 +55,14 @@ def get_config():
       group_size=16, rollout_prompts=512, mini_batches=16, max_draws=4, accuracy_range=(0.2, 0.8),
       max_new_tokens=1024, temperature=1.0, top_p=1.0, max_rows=64,
       rewards=ml_collections.ConfigDict(dict(accuracy=1.0)), policy_loss="gspo", eps_low=0.2, eps_high=0.2))
+
+  # ViCO (paper §2.3, training/vico.py). reference: the frozen π_ref's checkpoint (consistency: default the
+  # starting checkpoint; router: required, the model consistency training started from). compress_prob: P(an
+  # image takes 64 tokens per tile) in consistency training; tile_mix: the fraction of images whose tiles draw
+  # it one by one instead (paper: 0, one per image); ntp_weight: its square-averaged NTP term (paper: none).
+  # Router: τ = the `percentile`-th percentile of the last `window` ratios r_i (eq. 8-9); eps in r_i.
+  c.vico = ml_collections.ConfigDict(dict(reference="", compress_prob=0.5, tile_mix=0.0, ntp_weight=0.0,
+                                          window=4096, percentile=50.0, eps=1e-6))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.meta = ""  # held-out data in the same format; empty = no evaluation

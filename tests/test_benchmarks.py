@@ -34,3 +34,11 @@ def test_plan_benchmark_runs():
   out = subprocess.run([sys.executable, "benchmarks/plan.py", "--models", "InternVL3.5-1B", "--mesh", "fsdp:8"],
                        check=True, capture_output=True, text=True).stdout
   assert "InternVL3.5-1B" in out and "fits (" in out and "first call" in out
+
+
+def test_vico_benchmark_runs():
+  out = subprocess.run([sys.executable, "benchmarks/vico.py", "--rows", "2", "--length", "64", "--images", "1",
+                        "--tiles", "2", "--slots", "2", "--steps", "1"], check=True, capture_output=True, text=True).stdout
+  for name in ("SFT step", "reference forward alone", "consistency step", "router step (eq. 8-9, 3 variants)"):
+    assert name in out
+  assert "of the consistency step" in out

@@ -312,6 +312,15 @@ def place(ckpt: safetensors_io.Checkpoint, lazy, dtype, target: jax.sharding.Sha
 _FLASH_PREFIXES = {"original": FLASH_MODULES, "hf": tuple("model." + m for m in FLASH_MODULES)}
 
 
+def is_flash_checkpoint(path: str) -> bool:
+  """Whether a checkpoint folder is a Flash one (its config says so or its weights hold the router), as
+  `from_pretrained` decides."""
+  cfg, layout = load_config(path)
+  if cfg.flash is not None:
+    return True
+  return any(k.startswith(_FLASH_PREFIXES[layout]) for k in tensor_sources(safetensors_io.Checkpoint(path), layout))
+
+
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
                     image_token_id: int | None = None, **config_overrides) -> InternVL:
   """Load a released checkpoint folder (either layout, detected from config.json).

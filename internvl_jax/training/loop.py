@@ -13,6 +13,7 @@ Workdir layout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from internvl_jax import sharding, zoo
 from internvl_jax.training import evaluation
 from internvl_jax.training import optim
 from internvl_jax.training import sft
-from internvl_jax.config import InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.config import FlashConfig, InternVLConfig, TextConfig, VisionConfig
 from internvl_jax.model.internvl import InternVL, init_model
 from internvl_jax.training.metrics import MetricsWriter, console
 from internvl_jax.inputs.processor import Processor
@@ -51,9 +52,15 @@ def tokenizer_dir(cfg) -> str:
   return folder
 
 
+def is_vico(cfg) -> bool:
+  """Whether the config runs a ViCO stage (`training/vico.py`): the only stages that train the ViR parts."""
+  return cfg.get("stage", "sft") in ("vico_consistency", "vico_router")
+
+
 def model_config(cfg, tokenizer: Tokenizer) -> InternVLConfig:
   """The InternVLConfig of a run: the checkpoint's or the preset's, with the config's overrides. A model
-  trained from scratch takes its vocabulary size and <IMG_CONTEXT> id from the tokenizer."""
+  trained from scratch takes its vocabulary size and <IMG_CONTEXT> id from the tokenizer. A ViCO stage makes
+  a plain model a Flash one (FlashConfig's defaults; `initial_model` initialises the new parts)."""
   m = cfg.model
   overrides = dict(m.get("overrides", {}) or {})
   vision, text = dict(overrides.pop("vision", {}) or {}), dict(overrides.pop("text", {}) or {})
@@ -64,6 +71,8 @@ def model_config(cfg, tokenizer: Tokenizer) -> InternVLConfig:
     size = tokenizer.tok.get_vocab_size(with_added_tokens=True)
     text.setdefault("vocab_size", -(-size // 128) * 128)  # a multiple of 128 keeps the vocab axis shardable
     overrides.setdefault("image_token_id", tokenizer.image_token_id)
+  if is_vico(cfg) and base.flash is None:
+    base = base.replace(flash=FlashConfig())
   try:
     return base.replace(vision=dataclasses.replace(base.vision, **vision), text=dataclasses.replace(base.text, **text),
                         **overrides)
@@ -84,12 +93,22 @@ def make_processor(cfg, model_cfg: InternVLConfig, tokenizer: Tokenizer) -> Proc
 
 
 def initial_model(cfg, model_cfg: InternVLConfig, mesh) -> InternVL:
-  if cfg.model.checkpoint:
-    overrides = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
-                 if f.name not in ("dtype", "param_dtype")}
-    return ckpt_lib.from_pretrained(cfg.model.checkpoint, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-                                    mesh=mesh, **overrides)
-  return init_model(model_cfg, seed=cfg.seed, mesh=mesh)
+  """The run's starting model: the checkpoint's weights, or a random init of a preset. A Flash config over a
+  plain checkpoint (a ViCO stage) loads the checkpoint and adds `mlp2` and the router at random init (seed
+  `cfg.seed`)."""
+  if not cfg.model.checkpoint:
+    return init_model(model_cfg, seed=cfg.seed, mesh=mesh)
+  overrides = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
+               if f.name not in ("dtype", "param_dtype")}
+  load = functools.partial(ckpt_lib.from_pretrained, cfg.model.checkpoint, dtype=model_cfg.dtype,
+                           param_dtype=model_cfg.param_dtype, mesh=mesh)
+  if model_cfg.flash is None or ckpt_lib.is_flash_checkpoint(cfg.model.checkpoint):
+    return load(**overrides)
+  plain = load(**dict(overrides, flash=None))
+  model = init_model(model_cfg, seed=cfg.seed, mesh=mesh)
+  nnx.update(model, nnx.state(plain))
+  console.info(f"{cfg.model.checkpoint} has no ViR: mlp2 and the router start from random init (seed {cfg.seed})")
+  return model
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -216,13 +235,15 @@ class Setup:
   abstract: sft.TrainState
 
 
-def create_state(cfg, model: InternVL, mesh, *, materialise: bool = True):
+def create_state(cfg, model: InternVL, mesh, *, materialise: bool = True, trainable=None):
   """-> (TrainState placed in its shardings, or None when `materialise` is False, and the Setup). `model`
-  may be abstract (`nnx.eval_shape`) when the state is about to be restored from a checkpoint."""
+  may be abstract (`nnx.eval_shape`) when the state is about to be restored from a checkpoint. trainable:
+  the parts to train (default `cfg.trainable`)."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise AssertionError("the model holds non-parameter state; the train state does not carry it yet")
-  trainable, frozen = optim.split_trainable(params, tuple(cfg.trainable))
+  trainable, frozen = optim.split_trainable(params, tuple(cfg.trainable if trainable is None else trainable),
+                                            flash=is_vico(cfg))
   tx, lr = optim.make_optimizer(cfg.optim, cfg.steps)
 
   def build(trainable, frozen):
@@ -256,11 +277,11 @@ class Run:
   iterator: object  # what make_iterator returned, or None
 
 
-def prepare(cfg, workdir: str, *, mesh=None, make_iterator=None, extra=None) -> Run:
+def prepare(cfg, workdir: str, *, mesh=None, make_iterator=None, extra=None, trainable=None) -> Run:
   """Mesh, tokenizer, processor, model folder, checkpointer, and the train state: fresh from the config's
   model, or restored from the workdir's latest checkpoint (with the state of `make_iterator(processor)`'s data
   iterator). `extra(mesh) -> (value, sharding)`: more state to checkpoint beside the TrainState; `run.state`
-  is then (TrainState, value). `mesh`: the config's, when not given."""
+  is then (TrainState, value). `mesh`: the config's, when not given. trainable: as in `create_state`."""
   mesh = sharding.make_mesh(dict(cfg.mesh)) if mesh is None else mesh
   tok_dir = tokenizer_dir(cfg)
   tokenizer = Tokenizer.from_pretrained(tok_dir)
@@ -273,12 +294,12 @@ def prepare(cfg, workdir: str, *, mesh=None, make_iterator=None, extra=None) -> 
   latest = checkpointer.latest_step()
   extra = extra(mesh) if extra is not None else None
   if latest is None:
-    state, setup = create_state(cfg, initial_model(cfg, model_cfg, mesh), mesh)
+    state, setup = create_state(cfg, initial_model(cfg, model_cfg, mesh), mesh, trainable=trainable)
     if extra is not None:
       state = (state, extra[0])
   else:  # resume: only the abstract state, then the checkpoint is read straight into its shardings
     _, setup = create_state(cfg, nnx.eval_shape(lambda: InternVL(model_cfg, rngs=nnx.Rngs(0))), mesh,
-                            materialise=False)
+                            materialise=False, trainable=trainable)
     abstract, shardings = setup.abstract, setup.state_sh
     if extra is not None:
       abstract, shardings = (abstract, jax.eval_shape(lambda: extra[0])), (shardings, extra[1])

@@ -22,12 +22,14 @@ def decays(path) -> bool:
   return not (names[-1].endswith("bias") or any("norm" in n for n in names))
 
 
-def split_trainable(params: nnx.State, trainable: tuple[str, ...]):
-  """-> (trainable state, frozen state) by top-level part name ('vision_model', 'mlp1', 'language_model'); a
-  Flash model's FLASH_PARTS are always frozen."""
-  unknown = set(trainable) - set(PARTS)
+def split_trainable(params: nnx.State, trainable: tuple[str, ...], *, flash: bool = False):
+  """-> (trainable state, frozen state) by top-level part name ('vision_model', 'mlp1', 'language_model'; with
+  flash=True, the ViCO stages, also FLASH_PARTS). Otherwise a Flash model's FLASH_PARTS are always frozen."""
+  known = PARTS + FLASH_PARTS if flash else PARTS
+  unknown = set(trainable) - set(known)
   if unknown:
-    raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {PARTS}")
+    hint = "" if flash or not unknown & set(FLASH_PARTS) else " (the ViR parts train only in the ViCO stages)"
+    raise ValueError(f"unknown trainable parts {sorted(unknown)}; choose from {known}{hint}")
   if not trainable:
     raise ValueError("nothing to train: `trainable` is empty")
   train = lambda path, _: str(path[0]) in trainable

@@ -47,7 +47,7 @@ def load_config(name: str, configs: str = "configs"):
   return module.get_config()
 
 
-def _config(name: str, data: str, configs: str = "configs", **fields):
+def stage_config(name: str, data: str, configs: str = "configs", **fields):
   """<configs>/<name>.py with the data folder and `fields` (dotted paths) set."""
   cfg = load_config(name, configs)
   cfg.data_root = data
@@ -87,11 +87,11 @@ def run(workdir: str, data: str, *, sft_steps: int = 200, pair_prompts: int = 76
     print(table(rows), flush=True)
     return os.path.join(workdir, sub, "export")
 
-  sft = stage(f"SFT ({sft_steps} steps)", _config("digits", data, configs, steps=sft_steps, **{
+  sft = stage(f"SFT ({sft_steps} steps)", stage_config("digits", data, configs, steps=sft_steps, **{
       "eval.every": sft_steps, "checkpoint.every": sft_steps}), "sft")
 
   t0 = time.time()
-  mpo_cfg = _config("digits_mpo", data, configs, **{"model.checkpoint": sft, "data.meta": os.path.join(workdir, "pairs",
+  mpo_cfg = stage_config("digits_mpo", data, configs, **{"model.checkpoint": sft, "data.meta": os.path.join(workdir, "pairs",
                                                                                               "meta.json")})
   model = from_pretrained(sft)
   processor = loop.make_processor(mpo_cfg, model.cfg, Tokenizer.from_pretrained(sft))
@@ -99,7 +99,7 @@ def run(workdir: str, data: str, *, sft_steps: int = 200, pair_prompts: int = 76
                      os.path.join(workdir, "pairs"), group_size=8, max_new_tokens=16, per_prompt=2, max_rows=128)
   print(f"pairs from the SFT model's rollouts: {json.dumps(info)}", flush=True)
   mpo = stage("+MPO", mpo_cfg, "mpo", seconds_before=time.time() - t0)
-  stage("+GSPO (Cascade RL)", _config("digits_gspo", data, configs, **{"model.checkpoint": mpo}), "gspo")
+  stage("+GSPO (Cascade RL)", stage_config("digits_gspo", data, configs, **{"model.checkpoint": mpo}), "gspo")
   print(f"\nCascade RL on digits: held-out accuracy (%) after each stage; total {time.time() - start:.0f} s\n"
         + table(rows), flush=True)
   return rows
