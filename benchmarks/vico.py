@@ -106,7 +106,8 @@ def main(argv=None):
   step = sft.make_train_step(g, rest, tx, sft.StepConfig(), mesh, state_sh,
                              {k: batch_sh[k] for k in sft.BATCH_KEYS})
   plain = {k: placed[k] for k in sft.BATCH_KEYS}
-  rows["SFT step (reference point)"] = timed(lambda s: (step(s, plain)[0],), (state,), args.steps)
+  rows["SFT step (reference point)"] = timed(lambda s: (jax.block_until_ready(step(s, plain)[0]),), (state,),
+                                            args.steps)
   ref_fwd = sft.under_mesh(jax.jit(lambda params, b: vico._reference_out(rg, params, rr, b)[0]), mesh)
   rows["reference forward alone"] = timed(lambda x: (ref_fwd(rp, placed).block_until_ready(),), (None,), args.steps)
   state, state_sh = state_for(full)
