@@ -25,6 +25,8 @@ flags.DEFINE_string("host", "127.0.0.1", "server address")
 flags.DEFINE_string("served_model_name", None, "server: the model id clients name (default: the checkpoint folder's "
                     "last path part); requests naming another model get a 404")
 flags.DEFINE_integer("max_batch", 8, "server: rows of the running decode batch")
+flags.DEFINE_integer("decode_chunk", 8, "server: decode steps per dispatch; a stream gets its tokens in bursts of "
+                     "this many (1: one token per dispatch, more host round trips)")
 flags.DEFINE_integer("max_len", 4096, "server: context length (prompt + answer) per request")
 flags.DEFINE_integer("max_request_bytes", 8 << 20, "server: request body limit (larger bodies get a 413)")
 flags.DEFINE_integer("max_image_pixels", 1 << 25, "server: pixels per image (width x height, read from the image "
@@ -57,7 +59,7 @@ def main(argv):
     name = f.served_model_name or os.path.basename(os.path.normpath(f.checkpoint))
     app_ = make_app(model, processor, model_name=name, max_batch=f.max_batch, max_len=f.max_len,
                     max_tokens=f.max_new_tokens, max_request_bytes=f.max_request_bytes,
-                    max_image_pixels=f.max_image_pixels, seed=f.seed, flash=flash)
+                    max_image_pixels=f.max_image_pixels, seed=f.seed, flash=flash, decode_chunk=f.decode_chunk)
     sock = bind(f.host, f.port)
     host, port = sock.getsockname()[:2]
     print(f"serve.py: serving {name!r} on http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)

@@ -99,12 +99,12 @@ def llm(engine, state, row, features, steps, repeats, warm):
   active = jnp.asarray(np.arange(b) < 1)
   # One span for every step (covering the last one), so no step compiles a wider attention program mid-timing.
   longest = len(row) + steps + 1
-  tokens, cache, seen, _ = engine.decode(state, tokens, cache, seen, active, key, settings, longest)  # warm-up
+  tokens, cache, seen, _ = engine.step(state, tokens, cache, seen, active, key, settings, longest)  # warm-up
   jax.block_until_ready(tokens)
   times = []
   for _ in range(steps):  # per step, so the median drops the stalls of a shared machine
     t0 = time.perf_counter()
-    tokens, cache, seen, _ = jax.block_until_ready(engine.decode(state, tokens, cache, seen, active, key, settings,
+    tokens, cache, seen, _ = jax.block_until_ready(engine.step(state, tokens, cache, seen, active, key, settings,
                                                                  longest))
     times.append(time.perf_counter() - t0)
   return prefill_s, 1 / float(np.median(times))

@@ -14,10 +14,22 @@ def test_kernel_benchmark_runs():
 
 def test_inference_benchmark_runs():
   out = subprocess.run([sys.executable, "benchmarks/inference.py", "--preset", "tiny-dense", "--steps", "2",
-                        "--batches", "1,2"], check=True, capture_output=True, text=True).stdout
+                        "--batches", "1,2", "--generate_steps", "3"], check=True, capture_output=True, text=True).stdout
   for dtype in ("float32", "bfloat16"):
-    assert f"\n{dtype}:" in out
+    assert f"\n{dtype}:" in out and f"\n{dtype}, public generate" in out
   assert out.count("time ratio") == 2 and out.count("speed ratio") == 4
+  assert out.count("first token ours") == 4 and out.count("of it); double-buffered single steps") == 4
+
+
+def test_serve_benchmark_runs():
+  """--preset: a random tiny checkpoint served by serve.py, text and one-image workloads at two concurrencies;
+  every request runs its max_tokens (usage.completion_tokens)."""
+  out = subprocess.run([sys.executable, "benchmarks/serve.py", "--preset=tiny-dense", "--requests=3",
+                        "--concurrency=1,2", "--max_tokens=5", "--max_len=256"], check=True, capture_output=True,
+                       text=True).stdout
+  rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("text |", "image |"))]
+  assert [(r[0], r[1]) for r in rows] == [("text", "1"), ("text", "2"), ("image", "1"), ("image", "2")], out
+  assert all(float(r[4]) == 5.0 for r in rows), out  # tokens/request
 
 
 def test_flash_benchmark_runs():

@@ -103,9 +103,10 @@ def record(batcher, rid, timeout=30.0):
 
 @contextlib.contextmanager
 def slow_decode(batcher, seconds):
-  """Each decode step takes `seconds` longer, so a client can leave while its request still runs."""
+  """Each decode step takes `seconds` longer (a call decodes a chunk of `steps`), so a client can leave while
+  its request still runs."""
   original = batcher.engine.decode
-  batcher.engine.decode = lambda *a, **k: (time.sleep(seconds), original(*a, **k))[1]
+  batcher.engine.decode = lambda *a, **k: (time.sleep(seconds * k["steps"]), original(*a, **k))[1]
   try:
     yield
   finally:
@@ -270,6 +271,37 @@ def test_seed_is_honoured_per_request(served):
   assert mixed[1] == mixed[3] == alone
   others = asyncio.run(run([sampled(s) for s in (1, 2, 3, 2**40 + 7, -7)]))
   assert len(set(others + [alone])) >= 4, others
+
+
+def test_decode_chunk_does_not_change_answers(served, ckpt_dir):
+  """A server decoding 3 steps per dispatch in a batch of 2 gives the answers of the 8-step, 4-row one:
+  seeded samples, greedy ones with max_tokens that are no multiple of either chunk, a stop string that ends
+  a request mid-chunk (the rest of that chunk dropped), and 6 requests at once (rows freed and refilled at
+  chunk boundaries)."""
+  import httpx
+  from internvl_jax.inference.server import make_app
+  url, _, model, processor = served
+  app = make_app(model, processor, model_name="tiny", max_batch=2, max_len=MAX_LEN, max_tokens=8, decode_chunk=3)
+  other, server, thread = start_server(app)
+  full = post(url, body("Tell me a story.", max_tokens=12)).json()["choices"][0]["message"]["content"]
+  payloads = [body("Tell me a story.", temperature=1.5, seed=7), body("Tell me a story.", max_tokens=11),
+              body("Other traffic.", max_tokens=5), body("Tell me a story.", max_tokens=12, stop=[full[4:7]]),
+              body("What is in the image?", IMAGE, max_tokens=7), body("More.", temperature=1.0, seed=3, top_k=5)]
+
+  async def run(base):
+    async with httpx.AsyncClient(timeout=120) as client:
+      rs = await asyncio.gather(*(client.post(f"{base}/v1/chat/completions", json=p) for p in payloads))
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    return [(r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"],
+             r.json()["usage"]["completion_tokens"]) for r in rs]
+
+  try:
+    want, got = asyncio.run(run(url)), asyncio.run(run(other))
+  finally:
+    server.should_exit = True
+    thread.join(timeout=30)
+  assert got == want
+  assert want[3][0] == full[:full.index(full[4:7])] and want[3][1] == "stop"
 
 
 # ------------------------------------------------------------------------------------------- bad requests
@@ -448,7 +480,7 @@ def test_decode_loop_survives_failures(served, monkeypatch):
 
   def broken_decode(*a, **k):
     calls.append(1)
-    if len(calls) == 3:
+    if len(calls) == 1:  # a call decodes a whole chunk: this request's 8 tokens are one call
       raise RuntimeError("injected decode failure")
     return decode(*a, **k)
 

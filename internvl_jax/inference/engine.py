@@ -1,5 +1,10 @@
-"""JAX-native generation: prefill (vision + text) into a preallocated KV cache, then one jitted decode
-step per token with the cache donated, greedy or sampled (temperature, top-k, top-p, repetition penalty).
+"""JAX-native generation: prefill (vision + text) into a preallocated KV cache, then decoding in chunks: one
+jitted program (`Engine.decode`) runs up to `steps` decode steps in a `lax.while_loop` with the cache donated,
+eos detection, per-row token limits, the active mask, the PRNG and the repetition-penalty table all on the
+device, greedy or sampled (temperature, top-k, top-p, repetition penalty). The host sees a chunk of tokens
+per dispatch: `generate` replays them step by step for `stream` and `stop` (a stop ends a row at exactly
+that token; what the device drew for it later in the chunk is dropped), the server (`server.py`) for its
+streams and stop strings.
 
 Shapes are bucketed so a long-running process compiles a bounded set of programs: prompt lengths round
 up to powers of two from 16 to 128 and then to four steps per octave (`length_bucket`), tile counts and
@@ -7,7 +12,9 @@ batch sizes to powers of two, cache lengths to powers of two covering prompt + n
 sees prompts up to L tokens (L >= 128), up to T tiles, batches up to B and caches up to C compiles at most
 (4 log2(L/128) + 4) x (log2(T)+1) x (log2(B)+1) prefill programs and log2(C/16)+1 x log2(B)+1 x
 log2(C/64)+1 decode programs (cache length, batch, and the span of slots attention reads, a power of two
->= 64 covering the longest active row), one per combination it meets.
+>= 64 covering the longest active row until the chunk's end), one per combination it meets and per chunk
+length used (one: `generate` and the server default to 8 steps; a chunk that ends early, all rows done,
+runs the same program).
 
 Each row's prompt sits at cache slots 0..len-1 (padding after it is marked invalid and overwritten as the
 row grows), so rows of different lengths decode side by side at their own positions, and a server can
@@ -47,11 +54,18 @@ def length_bucket(n: int) -> int:
   return -(-n // step) * step
 
 
+# Slots a cache holds beyond the length asked for. Attention reads a power-of-two span of slots; a span that
+# was the whole cache (no slice between the in-place write and the read) made XLA:CPU copy every layer's
+# cache on every step: 4 layers of a 4096-slot batch-1 cache took 151 ms per step against 89 ms read as 4096
+# of 4112 slots, and the 1B model's batch-1 step 263 ms against 154 ms at 512 slots.
+CACHE_SLACK = 16
+
+
 def init_cache(cfg, batch: int, length: int):
-  """An empty KV cache: per-layer keys [batch, kv_heads, head_dim, length] and values [batch, kv_heads,
-  length, head_dim] (see model/attention.py) with elements as `backend.kv_storage` keeps them, slot validity,
-  and each row's next write slot."""
-  t = cfg.text
+  """An empty KV cache for `length` tokens: per-layer keys [batch, kv_heads, head_dim, S] and values [batch,
+  kv_heads, S, head_dim] (see model/attention.py) with elements as `backend.kv_storage` keeps them, slot
+  validity, and each row's next write slot; S = length + CACHE_SLACK."""
+  t, length = cfg.text, length + CACHE_SLACK
   zeros = lambda *shape: tuple(jnp.zeros(shape, backend.kv_storage(cfg.compute_dtype)) for _ in range(t.num_layers))
   return {"k": zeros(batch, t.num_kv_heads, t.head_dim, length),
           "v": zeros(batch, t.num_kv_heads, length, t.head_dim), "valid": jnp.zeros((batch, length), bool),
@@ -92,7 +106,8 @@ class Engine:
     self.graphdef = nnx.graphdef(model)
     self.min_batch = backend.min_batch(self.cfg.compute_dtype)
     self._prefill = jax.jit(self._prefill_impl, donate_argnums=(4,))
-    self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3), static_argnames=("span",))
+    self._step = jax.jit(self._step_impl, donate_argnums=(2, 3), static_argnames=("span",))
+    self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=("span", "steps"))
     self._first = jax.jit(self._pick, donate_argnums=(1,))
     self._join = jax.jit(self._join_impl, donate_argnums=(0, 1, 2))
     self._vision = jax.jit(self._vision_impl)
@@ -113,7 +128,7 @@ class Engine:
                                span=min(ids.shape[1], cache["valid"].shape[1]))
     return out.logits[:, 0].astype(jnp.float32), out.cache
 
-  def _decode_impl(self, state, tokens, cache, seen, active, key, settings, span):
+  def _step_impl(self, state, tokens, cache, seen, active, key, settings, span):
     model = nnx.merge(self.graphdef, state)
     lm = model.language_model
     embeds = lm.embed(tokens[:, None])
@@ -122,6 +137,33 @@ class Engine:
              span=span)
     nxt, seen, logp = self._pick(out.logits[:, 0].astype(jnp.float32), seen, key, settings)
     return nxt, out.cache, seen, logp
+
+  def _decode_impl(self, state, carry, settings, limit, eos, span, steps):
+    """Up to `steps` decode steps in one program (a while loop that ends early once no row is active). Each
+    step draws every active row's next token, and a row stops at an `eos` id or when its count reaches its
+    `limit`. -> (carry after the last step, tokens [b, steps] with -1 where a row drew none, log-probs)."""
+    b = carry["tokens"].shape[0]
+
+    def body(loop):
+      i, c, out, logps = loop
+      if "words" in c:  # per-row seeds: token n of a row is drawn with fold_in(its seed's key, n)
+        keys, c = row_keys(c["words"], c["count"]), dict(c)
+      else:  # one key for the batch, split once per step as the host loop did
+        key, keys = jax.random.split(c["key"])
+        c = dict(c, key=key)
+      active = c["active"]
+      nxt, cache, seen, logp = self._step_impl(state, c["tokens"], c["cache"], c["seen"], active, keys, settings,
+                                               span)
+      count = c["count"] + active
+      still = active & ~jnp.isin(nxt, eos) & (count < limit)
+      c.update(tokens=nxt, cache=cache, seen=seen, active=still, count=count)
+      out = out.at[:, i].set(jnp.where(active, nxt, -1))
+      logps = logps.at[:, i].set(jnp.where(active, logp, 0.0))
+      return i + 1, c, out, logps
+
+    init = (jnp.int32(0), carry, jnp.full((b, steps), -1, jnp.int32), jnp.zeros((b, steps), jnp.float32))
+    _, carry, out, logps = jax.lax.while_loop(lambda l: (l[0] < steps) & jnp.any(l[1]["active"]), body, init)
+    return carry, out, logps
 
   def _vision_impl(self, state, pixels):
     return nnx.merge(self.graphdef, state).flash_features(pixels)
@@ -205,12 +247,28 @@ class Engine:
     logits, cache = self._prefill(state, jnp.asarray(ids), jnp.asarray(mask), pixels, cache)
     return logits, cache, b
 
-  def decode(self, state, tokens, cache, seen, active, key, settings, longest: int):
-    """One token for every row -> (tokens [b], cache, seen, their log-probs [b] (`token_logp`)). `longest` =
-    the largest cache index of an active row before this step (the host knows it), rounded up to a bucket so
-    attention reads only the slots in use."""
-    span = min(cache["valid"].shape[1], bucket(longest + 1, 64))
-    return self._decode(state, tokens, cache, seen, active, key, settings, span=span)
+  def step(self, state, tokens, cache, seen, active, key, settings, longest: int):
+    """One token for every row -> (tokens [b], cache, seen, their log-probs [b] (`token_logp`)): the body of
+    `decode`'s loop as a program of its own (benchmarks time it bare). `longest` = the largest cache index
+    of an active row before this step, rounded up to a bucket so attention reads only the slots in use."""
+    return self._step(state, tokens, cache, seen, active, key, settings, span=self.span(cache, longest + 1))
+
+  def span(self, cache, slots: int) -> int:
+    """The attention span bucket covering `slots` cache slots: a power of two >= 64, at most the length the
+    cache was made for (no row writes beyond it: prompt + new tokens fit), never the whole cache."""
+    return min(cache["valid"].shape[1] - CACHE_SLACK, bucket(slots + 1, 64))
+
+  def decode(self, state, carry: dict, settings, limit, eos, longest: int, steps: int = 8):
+    """Up to `steps` tokens for every active row in one dispatch (the loop, eos, limits, PRNG and the
+    repetition-penalty table all on the device) -> (carry, tokens [b, steps] int32, log-probs [b, steps]),
+    -1 / 0 where a row drew no token. carry (donated; `decode_carry` builds it): tokens [b] (each row's
+    last token), cache, seen [b, V], active [b], count [b] (tokens drawn so far), and either key (one PRNG
+    key, split once per step) or words [b, 2] uint32 (per-row seeds: token n drawn with
+    fold_in(key(seed), n), as the server needs). limit [b]: a row stops when its count reaches it; eos [E]
+    int32. longest: the largest cache index of an active row before the first step."""
+    span = self.span(carry["cache"], longest + steps)
+    return self._decode(state, carry, settings, jnp.asarray(limit, jnp.int32), jnp.asarray(eos, jnp.int32),
+                        span=span, steps=steps)
 
   def first_token(self, logits, rows: list[np.ndarray], key, settings):
     """The token after a prefill of `rows` (the prompts' ids, as given to `prefill`), drawn as the decode
@@ -238,6 +296,21 @@ def engine_for(model: InternVL) -> Engine:
   return _ENGINES[model]
 
 
+def row_keys(words, counts):
+  """PRNG keys of the rows' next tokens: seed words uint32 [b, 2], tokens drawn so far [b] -> keys [b]."""
+  return jax.vmap(lambda w, c: jax.random.fold_in(jax.random.fold_in(jax.random.key(w[0]), w[1]), c))(words, counts)
+
+
+def decode_carry(tokens, cache, seen, active, count, *, key=None, words=None) -> dict:
+  """The state `Engine.decode` carries from chunk to chunk, on the device: key for one batch key, words for
+  per-row seeds."""
+  carry = {"tokens": tokens, "cache": cache, "seen": seen, "active": jnp.asarray(active, bool),
+           "count": jnp.asarray(count, jnp.int32)}
+  if (key is None) == (words is None):
+    raise ValueError("give key (one for the batch) or words (per-row seeds), not both or neither")
+  return {**carry, "key": key} if key is not None else {**carry, "words": jnp.asarray(words, jnp.uint32)}
+
+
 def use_flash(cfg, flash: bool | None) -> bool:
   """Whether generation routes tiles: `flash` if given (True needs a Flash model), else the checkpoint's
   flash_mode (`cfg.flash.mode`)."""
@@ -250,7 +323,7 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              seed: int = 0, eos_token_ids=(151645,), pad_token_id: int = 151643, stream=None,
              stop=None, return_logps: bool = False, engine: Engine | None = None, flash: bool | None = None,
-             return_stats: bool = False):
+             return_stats: bool = False, chunk_size: int = 8):
   """New token ids [batch, new_tokens]; after a row stops (an eos id, or `stop`), the rest is pad_token_id.
   return_logps=True returns (ids, logps): logps [batch, new_tokens] float32, each new token's log-prob under
   the model's untempered distribution (`token_logp`), 0 after the row stops — the rollout policy's
@@ -264,6 +337,10 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   flash (InternVL3.5-Flash): route every row's tiles through the ViR router (`Engine.route`), each row on its
   own tiles; default: the model's `cfg.flash.mode` (False for a model without a router). return_stats=True
   appends a list of per-row dicts to the result: tiles, compressed_tiles, visual_tokens_before/after routing.
+
+  Decoding runs `chunk_size` steps per dispatch (`Engine.decode`: eos, max_new_tokens and sampling on the
+  device); stream and stop see every step, in order, once its chunk is back, so a stop ends a row at exactly
+  the token it would end at step by step (the device's extra steps for that row are discarded).
   """
   ids = np.asarray(input_ids)
   mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
@@ -280,30 +357,41 @@ def generate(model: InternVL, input_ids, pixel_values=None, *, attention_mask=No
   logits, cache, b = engine.prefill(state, rows, None if routed else pixels, cache_len,
                                     features=routed.features if routed else None)
   settings = settings_arrays([Sampling(temperature, top_k, top_p, repetition_penalty)] * len(rows), b)
-  key = jax.random.key(seed)
-  key, sub = jax.random.split(key)
+  key, sub = jax.random.split(jax.random.key(seed))
   tokens, seen, logp = engine.first_token(logits, rows, sub, settings)
-  active = np.arange(b) < len(rows)
+  n, active = len(rows), np.arange(b) < len(rows)
   eos = np.asarray(list(eos_token_ids or ()), np.int32)
-  out = np.full((len(rows), max_new_tokens), pad_token_id, np.int64)
-  out_logps = np.zeros((len(rows), max_new_tokens), np.float32)
-  for step in range(max_new_tokens):
-    host = np.asarray(tokens)
-    out[active[:len(rows)], step] = host[:len(rows)][active[:len(rows)]]
+  out = np.full((n, max_new_tokens), pad_token_id, np.int64)
+  out_logps = np.zeros((n, max_new_tokens), np.float32)
+
+  def record(step, column, lps):
+    """Token `step` of every row (-1: none drawn), as the device drew it; stops apply here, in order."""
+    nonlocal active
+    drew = active & (column >= 0)
+    out[drew[:n], step] = column[:n][drew[:n]]
     if return_logps:
-      out_logps[active[:len(rows)], step] = np.asarray(logp)[:len(rows)][active[:len(rows)]]
+      out_logps[drew[:n], step] = lps[:n][drew[:n]]
     if stream is not None:
-      stream(step, np.where(active[:len(rows)], host[:len(rows)], pad_token_id))
-    active = active & ~np.isin(host, eos)
+      stream(step, np.where(drew[:n], column[:n], pad_token_id))
+    active = drew & ~np.isin(column, eos)
     if stop is not None:
-      for i in np.flatnonzero(active[:len(rows)]):
+      for i in np.flatnonzero(active[:n]):
         active[i] = not stop(i, out[i, :step + 1])
-    if step == max_new_tokens - 1 or not active.any():
-      break
-    key, sub = jax.random.split(key)
-    longest = max(len(r) for r in rows) + step + 1
-    tokens, cache, seen, logp = engine.decode(state, tokens, cache, seen, jnp.asarray(active), sub, settings,
-                                              longest)
+
+  first = jax.device_get((tokens, logp))
+  record(0, first[0], first[1])
+  carry = decode_carry(tokens, cache, seen, active, np.ones(b, np.int32), key=key)
+  limit, step, longest = np.full(b, max_new_tokens, np.int32), 1, max(len(r) for r in rows)
+  while step < max_new_tokens and active.any():
+    carry, chunk, lps = engine.decode(state, carry, settings, limit, eos, longest + step - 1, steps=chunk_size)
+    chunk, lps = jax.device_get((chunk, lps))
+    for j in range(chunk.shape[1]):
+      if step >= max_new_tokens or not active.any():
+        break
+      record(step, chunk[:, j], lps[:, j])
+      step += 1
+    if stop is not None:  # rows a stop ended mid-chunk: the device ran them on, and must not go on
+      carry["active"] = jnp.logical_and(carry["active"], jnp.asarray(active))
   result = (out, out_logps) if return_logps else (out,)
   if return_stats:
     result += (routed.stats if routed else [unrouted_stats(r, model.cfg) for r in rows],)

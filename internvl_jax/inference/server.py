@@ -1,19 +1,25 @@
 """OpenAI-compatible HTTP server with continuous batching (FastAPI + uvicorn).
 
 One background thread (`Batcher`) owns the engine and a KV cache of `max_batch` rows. A new request is
-prefilled alone, its first token drawn, and both joined into a free row (`Engine.join`); each loop iteration
-then decodes one token for all running rows, so requests join and leave the batch independently. Every
-program the loop runs is jitted and bucketed (prefill by prompt length and tiles, decode by attention span,
-first token and join once per shape), so a long-running server compiles a bounded set of programs.
+prefilled alone, its first token drawn (and sent at once), and both joined into a free row (`Engine.join`);
+each loop iteration then decodes a chunk of up to `chunk` tokens (default 8) for all running rows in one
+dispatch (`Engine.decode`: eos, each request's max_tokens and its seeded sampling on the device), and replays
+them per request for its stream and stop strings. Requests join at chunk boundaries, and a row that ends
+(eos, length, a stop string mid-chunk, a cancelled client) is free for the next queued request at the next
+boundary, so requests join and leave the batch independently. A stream receives the first token right
+after its prefill and then the tokens of each chunk together: one burst per chunk's compute time (chunk x
+the batch's step time). Every program the loop runs is jitted and bucketed (prefill by prompt length and
+tiles, decode by attention span, first token and join once per shape), so a long-running server compiles a
+bounded set of programs.
 
 What keeps it up under hostile traffic:
 * requests are validated before they reach the loop (`openai_schema`: strict types and ranges, body-size and
   image-pixel limits, unknown model -> 404);
 * the loop cannot die on an exception: a failed prefill fails that request (HTTP 500 with the error), a
-  failed decode step fails the rows that were running, and the loop goes on with a fresh batch. Should the
+  failed decode chunk fails the rows that were running, and the loop goes on with a fresh batch. Should the
   thread stop anyway, every request it held or queued gets a 503, `/health` answers 503 and new requests 503;
 * a client that goes away (streamed or not) marks its request cancelled, and the row is freed before the
-  next decode step;
+  next decode chunk;
 * on SIGTERM uvicorn stops accepting, lets running requests finish for `timeout_graceful_shutdown` seconds,
   then the app's shutdown stops the loop (whatever is left gets a 503) and the process exits.
 
@@ -43,7 +49,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from flax import nnx
 
-from internvl_jax.inference.engine import Engine, init_cache, unrouted_stats, use_flash
+from internvl_jax.inference.engine import Engine, decode_carry, init_cache, row_keys, unrouted_stats, use_flash
 from internvl_jax.inference.sampling import Sampling, settings_arrays
 from internvl_jax.inference.openai_schema import BadRequest, Limits, parse
 
@@ -74,11 +80,6 @@ class Request:
 Finished = collections.namedtuple("Finished", "id tokens reason")
 
 
-def _row_keys(words, counts):
-  """PRNG keys of the rows' next tokens: seed words uint32 [b, 2], tokens drawn so far [b] -> keys [b]."""
-  return jax.vmap(lambda w, c: jax.random.fold_in(jax.random.fold_in(jax.random.key(w[0]), w[1]), c))(words, counts)
-
-
 def _seed_words(seed: int) -> tuple[int, int]:
   return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
 
@@ -95,16 +96,18 @@ def _held_back(text: str, stops) -> int:
 class Batcher:
   """The decode loop: admits queued requests into free cache rows and steps all running rows together."""
 
-  def __init__(self, model, processor, *, max_batch: int = 8, max_len: int = 4096, flash: bool | None = None):
+  def __init__(self, model, processor, *, max_batch: int = 8, max_len: int = 4096, flash: bool | None = None,
+               chunk: int = 8):
     self.engine, self.state = Engine(model), nnx.state(model)
     self.flash = use_flash(model.cfg, flash)
     self.tok, self.cfg = processor.tokenizer, model.cfg
-    self.max_batch, self.max_len = max_batch, max_len
+    self.max_batch, self.max_len, self.chunk = max_batch, max_len, chunk
+    self._eos = np.asarray([self.tok.eos_id, self.tok.pad_id], np.int32)
     self.pending: queue.Queue[Request | None] = queue.Queue()
     self.slots: list[Request | None] = [None] * max_batch  # the rows of the running batch
     self.finished: collections.deque[Finished] = collections.deque(maxlen=256)  # recent requests, newest last
     self.error: str | None = None  # why the loop stopped
-    self._keys = jax.jit(_row_keys)
+    self._keys = jax.jit(row_keys)
     self._seeds = np.zeros((max_batch, 2), np.uint32)
     self._settings = [Sampling()] * max_batch
     self._batch = None  # (cache, tokens, seen) on the device, None until a request arrives or after a failure
@@ -202,15 +205,21 @@ class Batcher:
       return
     active = np.array([r is not None for r in slots])
     counts = np.array([len(r.tokens) if r is not None else 0 for r in slots], np.int32)
+    limits = np.array([r.max_tokens if r is not None else 0 for r in slots], np.int32)
     cache, tokens, seen = self._batch
     self._batch = None  # donated below: invalid if the step raises
-    tokens, cache, seen, _ = self.engine.decode(
-        self.state, tokens, cache, seen, active, self._keys(self._seeds, counts),
-        settings_arrays(self._settings, self.max_batch), max(len(r.ids) + len(r.tokens) for r in running))
-    host = np.asarray(tokens)
-    self._batch = (cache, tokens, seen)
+    carry = decode_carry(tokens, cache, seen, active, counts, words=self._seeds)
+    carry, chunk, _ = self.engine.decode(self.state, carry, settings_arrays(self._settings, self.max_batch), limits,
+                                         self._eos, max(len(r.ids) + len(r.tokens) for r in running),
+                                         steps=self.chunk)
+    chunk = np.asarray(chunk)
+    self._batch = (carry["cache"], carry["tokens"], carry["seen"])
     for row in np.flatnonzero(active):
-      self._advance(row, int(host[row]))
+      req = slots[row]
+      for token in chunk[row]:
+        if token < 0 or slots[row] is not req:  # the device drew no more, or a stop string ended the request
+          break
+        self._advance(row, int(token))
 
   def _advance(self, row: int, token: int):
     """Record one new token of the request in `row`; free the row when it is done."""
@@ -309,13 +318,15 @@ async def _next_event(req: Request, batcher: Batcher):
 
 def make_app(model, processor, *, model_name: str = "internvl", max_batch: int = 8, max_len: int = 4096,
              max_tokens: int = 512, max_request_bytes: int = Limits.max_request_bytes,
-             max_image_pixels: int = Limits.max_image_pixels, seed: int = 0, flash: bool | None = None) -> FastAPI:
+             max_image_pixels: int = Limits.max_image_pixels, seed: int = 0, flash: bool | None = None,
+             decode_chunk: int = 8) -> FastAPI:
   """The app; its decode loop starts now and stops at the app's shutdown (uvicorn's lifespan). flash: route
   tiles through a Flash model's ViR router (default: the checkpoint's flash_mode); `usage` reports
-  `prompt_tokens` after routing and, for every model, `visual_tokens` / `visual_tokens_before_routing`."""
+  `prompt_tokens` after routing and, for every model, `visual_tokens` / `visual_tokens_before_routing`.
+  decode_chunk: decode steps per dispatch (streams get tokens in bursts of this many)."""
   limits = Limits(max_len=max_len, max_tokens=max_tokens, max_request_bytes=max_request_bytes,
                   max_image_pixels=max_image_pixels)
-  batcher = Batcher(model, processor, max_batch=max_batch, max_len=max_len, flash=flash)
+  batcher = Batcher(model, processor, max_batch=max_batch, max_len=max_len, flash=flash, chunk=decode_chunk)
   seeds = np.random.default_rng(seed)  # for requests that bring none; used on the event loop only
 
   @contextlib.asynccontextmanager
