@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 import internvl_jax as ij
 from internvl_jax import zoo
@@ -58,7 +59,7 @@ def timed(fn, reps=1):
 
 def ours(cfg, prompt, pixels, steps, batches):
   model = ij.init_model(cfg, seed=0)
-  engine, state = Engine(model), jax.tree.map(lambda x: x, __import__("flax").nnx.state(model))
+  engine, state = Engine(model), jax.tree.map(lambda x: x, nnx.state(model))
   cache_len = 512
   t0 = time.perf_counter()
   logits, _, _ = engine.prefill(state, [prompt], pixels, cache_len)
@@ -102,7 +103,7 @@ def theirs(cfg, dtype, prompt, pixels, steps, batches):
 def engine_rates(model, rows, pixels, new):
   """tokens/s of the bare `Engine.step` loop and of single-step double-buffered `Engine.decode` dispatch,
   `new` steps after a prefill of `rows`, with the cache length `generate` would pick."""
-  engine, state = Engine(model), __import__("flax").nnx.state(model)
+  engine, state = Engine(model), nnx.state(model)
   cache_len = bucket(length_bucket(max(len(r) for r in rows)) + new + 1, 16)
   longest = max(len(r) for r in rows)
   rates = {}

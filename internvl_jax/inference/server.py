@@ -224,7 +224,7 @@ class Batcher:
   def _advance(self, row: int, token: int):
     """Record one new token of the request in `row`; free the row when it is done."""
     req = self.slots[row]
-    eos = token in (self.tok.eos_id, self.tok.pad_id)
+    eos = token in self._eos
     if not eos:
       req.tokens.append(token)
     text = self.tok.decode(req.tokens)
