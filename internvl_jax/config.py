@@ -54,6 +54,22 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """YaRN RoPE (GPT-OSS; transformers' `rope_parameters` with rope_type 'yarn'): inverse frequencies blended
+  between interpolated (/factor) and original across the dimensions whose wavelengths fall between
+  beta_fast and beta_slow rotations of the original context, and cos/sin scaled by `attention_factor`
+  (default 0.1 ln(factor) + 1). `layers.rope_frequencies` computes both."""
+
+  rope_type: Literal["yarn"] = "yarn"
+  factor: float = 32.0
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  original_max_position_embeddings: int = 4096
+  truncate: bool = False  # gpt-oss-20b's config says false; transformers' default when absent is true
+  attention_factor: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TextConfig:
   """Decoder-only LLM. `arch` selects Qwen3 dense, Qwen3-MoE or GPT-OSS (REFERENCE.md §7.3, §9)."""
 
@@ -75,12 +91,34 @@ class TextConfig:
   moe_intermediate_size: int = 0
   norm_topk_prob: bool = True
   router_aux_loss_coef: float = 0.001
-  # GPT-OSS only (parameter shapes now; its forward pass lands with its own issue).
+  max_position_embeddings: int = 40960  # written back to config.json; nothing is computed from it
+  # GPT-OSS (REFERENCE.md §9): per-layer 'sliding_attention' / 'full_attention' (empty: all full), the
+  # sliding layers' window, YaRN, and the clamped SwiGLU of its experts.
+  layer_types: tuple[str, ...] = ()
   sliding_window: int = 0
+  rope_scaling: RopeScaling | None = None
+  swiglu_alpha: float = 1.702
+  swiglu_limit: float = 7.0
+
+  def __post_init__(self):
+    if self.layer_types:
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+      bad = set(self.layer_types) - {"sliding_attention", "full_attention"}
+      if bad:
+        raise ValueError(f"unknown layer_types {sorted(bad)} (expected 'sliding_attention' or 'full_attention')")
+      if "sliding_attention" in self.layer_types and self.sliding_window <= 0:
+        raise ValueError(f"layer_types has sliding layers but sliding_window is {self.sliding_window}")
 
   @property
   def is_moe(self) -> bool:
     return self.num_experts > 0
+
+  def window(self, layer: int) -> int | None:
+    """The sliding window of decoder layer `layer`, or None for full attention."""
+    if self.layer_types and self.layer_types[layer] == "sliding_attention":
+      return self.sliding_window
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

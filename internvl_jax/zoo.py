@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from internvl_jax.config import FlashConfig, InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.config import FlashConfig, InternVLConfig, RopeScaling, TextConfig, VisionConfig
 from internvl_jax.model.internvl import InternVL
 
 VIT_300M = VisionConfig()
@@ -31,10 +31,16 @@ def _qwen3_moe(hidden, layers, heads, kv, experts, moe_ffn):
                     intermediate_size=moe_ffn, num_experts=experts, num_experts_per_tok=8, moe_intermediate_size=moe_ffn)
 
 
+def alternating(layers: int) -> tuple[str, ...]:
+  """GPT-OSS's layer_types: sliding window on even layer indices, full attention on odd ones."""
+  return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers))
+
+
 GPT_OSS_20B = TextConfig(arch="gpt_oss", vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64, num_kv_heads=8,
                          head_dim=64, intermediate_size=2880, rms_norm_eps=1e-5, rope_theta=150000.0,
                          attention_bias=True, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=2880,
-                         norm_topk_prob=False, router_aux_loss_coef=0.9, sliding_window=128)
+                         norm_topk_prob=False, router_aux_loss_coef=0.9, sliding_window=128,
+                         layer_types=alternating(24), rope_scaling=RopeScaling(), max_position_embeddings=131072)
 
 # The released InternVL3.5 models untie lm_head even where the Qwen3 base ties it (REFERENCE.md §2.1).
 PRESETS: dict[str, InternVLConfig] = {
@@ -67,6 +73,13 @@ PRESETS.update({
     "tiny-6b": InternVLConfig(VisionConfig(**{**_TINY_VIT.__dict__, "norm_type": "rms_norm", "qk_norm": True,
                                               "qkv_bias": False}), _TINY_TEXT, image_token_id=500),
     "tiny-flash": InternVLConfig(_TINY_VIT, _TINY_TEXT, image_token_id=500, flash=FlashConfig()),
+    # 4 layers (2 sliding, 2 full) and a window of 8, so that test sequences reach past the window.
+    "tiny-gpt-oss": InternVLConfig(_TINY_VIT, TextConfig(
+        arch="gpt_oss", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=32, rms_norm_eps=1e-5, rope_theta=150000.0, attention_bias=True, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False, router_aux_loss_coef=0.9,
+        sliding_window=8, layer_types=alternating(4), rope_scaling=RopeScaling(), max_position_embeddings=131072),
+        image_token_id=500),
 })
 
 

@@ -32,6 +32,12 @@ VARIANTS = {
     # InternViT-6B style: RMSNorm, QK-norm over the full width, no qkv bias
     "vit6b": dict(vision={**VISION, "norm_type": "rms_norm", "use_qk_norm": True, "attention_bias": False},
                   text=TEXT, tie=False),
+    # GPT-OSS (InternVL3.5-20B-A4B style): 4 layers alternating sliding (window 8) / full, sinks, YaRN (the
+    # gpt-oss-20b rope parameters), biased router and clamped SwiGLU experts
+    "gpt_oss": dict(vision=VISION, tie=False, text=dict(
+        model_type="gpt_oss", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, router_aux_loss_coef=0.9, tie_word_embeddings=False)),
 }
 
 
@@ -50,6 +56,8 @@ def build_hf(variant: str, seed: int = 0, **overrides):
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
       elif "lambda" in name:
         p.copy_(0.5 + 0.2 * torch.randn_like(p))
+      elif "language_model" in name and name.endswith("bias"):  # GPT-OSS: biases that 0.1 would let dominate
+        p.copy_(0.02 * torch.randn_like(p))
       else:
         p.copy_(torch.randn_like(p) * (0.5 / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 0.1))
   return model

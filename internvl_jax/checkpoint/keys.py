@@ -188,6 +188,9 @@ def _language(cfg: InternVLConfig) -> dict[Path, Spec]:
     out[our + ("attn", "k_proj")] = linear(k + "self_attn.k_proj.weight", (d, kv, h), 1)
     out[our + ("attn", "v_proj")] = linear(k + "self_attn.v_proj.weight", (d, kv, h), 1)
     out[our + ("attn", "o_proj")] = linear(k + "self_attn.o_proj.weight", (n, h, d), 2)
+    if t.arch == "gpt_oss":
+      out.update(_gpt_oss_layer(t, k, our))
+      continue
     out[our + ("attn", "q_norm", "weight")] = plain(k + "self_attn.q_norm.weight", (h,), (h,))
     out[our + ("attn", "k_norm", "weight")] = plain(k + "self_attn.k_norm.weight", (h,), (h,))
     if t.is_moe:
@@ -201,6 +204,25 @@ def _language(cfg: InternVLConfig) -> dict[Path, Spec]:
       out[our + ("mlp", "gate")] = linear(k + "mlp.gate_proj.weight", (d, i), 1)
       out[our + ("mlp", "up")] = linear(k + "mlp.up_proj.weight", (d, i), 1)
       out[our + ("mlp", "down")] = linear(k + "mlp.down_proj.weight", (i, d), 1)
+  return out
+
+
+def _gpt_oss_layer(t, k: str, our: Path) -> dict[Path, Spec]:
+  """GPT-OSS's extras (REFERENCE.md §7.1): attention biases and sinks, the biased router, and the fused
+  experts, which transformers stores in the module's own [E, in, out] layout (interleaved gate/up)."""
+  d, n, kv, h = t.hidden_size, t.num_heads, t.num_kv_heads, t.head_dim
+  e, i = t.num_experts, t.moe_intermediate_size
+  a, x = k + "self_attn.", k + "mlp.experts."
+  out = {our + ("attn", "sinks"): plain(a + "sinks", (n,), (n,))}
+  if t.attention_bias:
+    for s, heads in (("q", n), ("k", kv), ("v", kv)):
+      out[our + ("attn", f"{s}_bias")] = plain(a + f"{s}_proj.bias", (heads * h,), (heads, h))
+    out[our + ("attn", "o_bias")] = plain(a + "o_proj.bias", (d,), (d,))
+  out[our + ("mlp", "router")] = linear(k + "mlp.router.weight", (d, e), 1)
+  out[our + ("mlp", "router_bias")] = plain(k + "mlp.router.bias", (e,), (e,))
+  for ours, theirs, shape in (("gate_up", "gate_up_proj", (e, d, 2 * i)), ("gate_up_bias", "gate_up_proj_bias", (e, 2 * i)),
+                              ("down", "down_proj", (e, i, d)), ("down_bias", "down_proj_bias", (e, d))):
+    out[our + ("mlp", ours)] = plain(x + theirs, shape, shape)
   return out
 
 
@@ -256,8 +278,6 @@ def specs(cfg: InternVLConfig, layout: str) -> dict[Path, Spec]:
   """Every parameter of `InternVL(cfg)` -> its checkpoint tensors in `layout` ('original' or 'hf')."""
   if layout not in ("original", "hf"):
     raise ValueError(f"unknown checkpoint layout {layout!r} (expected 'original' or 'hf')")
-  if cfg.text.arch == "gpt_oss":
-    raise NotImplementedError("GPT-OSS checkpoints (InternVL3.5-20B-A4B) are not supported yet")
   n_run = cfg.vision.num_layers + 1 + cfg.vision.select_layer
   flash = _flash(cfg, layout) if cfg.flash is not None else {}
   return {**_vision(cfg, layout, n_run), **_projector(cfg, layout), **_language(cfg), **flash}

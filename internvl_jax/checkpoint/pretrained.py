@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 
 from internvl_jax import sharding
-from internvl_jax.checkpoint import safetensors_io
+from internvl_jax.checkpoint import mxfp4, safetensors_io
 from internvl_jax.checkpoint.keys import FLASH_MODULES, Stacked, canonical_hf_key, skipped_vision_layers, specs
-from internvl_jax.config import FlashConfig, InternVLConfig, TextConfig, VisionConfig
+from internvl_jax.config import FlashConfig, InternVLConfig, RopeScaling, TextConfig, VisionConfig
 from internvl_jax.model.internvl import InternVL
 
 DEFAULT_IMAGE_TOKEN_ID = 151671  # <IMG_CONTEXT> of the Qwen3-based releases (REFERENCE.md §2.6)
@@ -48,11 +48,25 @@ def text_config_from_dict(c: dict, arch: str, where: str) -> TextConfig:
   if c.get("use_sliding_window") and arch != "gpt_oss":
     raise NotImplementedError(f"{where}: use_sliding_window=true is not supported for {arch}")
   rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-  if rope.get("rope_type", rope.get("type", "default")) not in ("default", None) and arch != "gpt_oss":
-    raise NotImplementedError(f"{where}: rope type {rope.get('rope_type')!r} is not supported")
-  heads = c["num_attention_heads"]
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ("default", None) and (arch != "gpt_oss" or rope_type != "yarn"):
+    raise NotImplementedError(f"{where}: rope type {rope_type!r} is not supported for {arch}")
+  heads, layers = c["num_attention_heads"], c["num_hidden_layers"]
+  gpt_oss = {}
+  if arch == "gpt_oss":
+    if rope_type == "yarn":
+      # transformers' yarn default for an absent `truncate` is true; gpt-oss-20b writes false
+      gpt_oss["rope_scaling"] = RopeScaling(
+          factor=float(rope["factor"]), beta_fast=float(rope.get("beta_fast") or 32),
+          beta_slow=float(rope.get("beta_slow") or 1),
+          original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+          truncate=bool(rope.get("truncate", True)), attention_factor=rope.get("attention_factor"))
+    # transformers' GptOssConfig default: sliding window on even layer indices
+    types = c.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    gpt_oss.update(layer_types=tuple(types), swiglu_alpha=float(c.get("swiglu_alpha", 1.702)),
+                   swiglu_limit=float(c.get("swiglu_limit", 7.0)))
   return TextConfig(
-      arch=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+      arch=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=layers,
       num_heads=heads, num_kv_heads=c.get("num_key_value_heads", heads),
       head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate_size=c.get("intermediate_size", 0),
       rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 1e6))),
@@ -60,7 +74,8 @@ def text_config_from_dict(c: dict, arch: str, where: str) -> TextConfig:
       num_experts_per_tok=c.get("num_experts_per_tok", 0) or 0,
       moe_intermediate_size=c.get("moe_intermediate_size", c.get("intermediate_size", 0) if arch == "gpt_oss" else 0) or 0,
       norm_topk_prob=c.get("norm_topk_prob", False), router_aux_loss_coef=c.get("router_aux_loss_coef", 0.001),
-      sliding_window=c.get("sliding_window") or 0, tie_word_embeddings=c.get("tie_word_embeddings", False))
+      sliding_window=c.get("sliding_window") or 0, tie_word_embeddings=c.get("tie_word_embeddings", False),
+      max_position_embeddings=c.get("max_position_embeddings", 40960), **gpt_oss)
 
 
 def _image_token_from_tokenizer(folder: str) -> int | None:
@@ -169,8 +184,21 @@ def _text_dict(t: TextConfig) -> dict:
            num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
            intermediate_size=t.intermediate_size, rms_norm_eps=t.rms_norm_eps, hidden_act="silu",
            rope_theta=t.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
-           attention_bias=t.attention_bias, tie_word_embeddings=t.tie_word_embeddings, max_position_embeddings=40960)
-  if t.is_moe:
+           attention_bias=t.attention_bias, tie_word_embeddings=t.tie_word_embeddings,
+           max_position_embeddings=t.max_position_embeddings)
+  if t.arch == "gpt_oss":
+    r = t.rope_scaling
+    if r is not None:
+      yarn = dict(rope_type="yarn", factor=r.factor, beta_fast=r.beta_fast, beta_slow=r.beta_slow,
+                  original_max_position_embeddings=r.original_max_position_embeddings, truncate=r.truncate,
+                  **({} if r.attention_factor is None else {"attention_factor": r.attention_factor}))
+      # rope_parameters (transformers 5) and rope_scaling (the 4.55 configs the release was trained with)
+      d.update(rope_parameters={**yarn, "rope_theta": t.rope_theta}, rope_scaling=yarn)
+    d.update(num_local_experts=t.num_experts, num_experts_per_tok=t.num_experts_per_tok,
+             intermediate_size=t.moe_intermediate_size, router_aux_loss_coef=t.router_aux_loss_coef,
+             sliding_window=t.sliding_window, layer_types=list(t.layer_types), swiglu_alpha=t.swiglu_alpha,
+             swiglu_limit=t.swiglu_limit)
+  elif t.is_moe:
     d.update(num_experts=t.num_experts, num_experts_per_tok=t.num_experts_per_tok,
              moe_intermediate_size=t.moe_intermediate_size, norm_topk_prob=t.norm_topk_prob,
              router_aux_loss_coef=t.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[])
@@ -199,7 +227,8 @@ def config_to_dict(cfg: InternVLConfig, layout: str) -> dict:
     return hf
   return dict(
       architectures=["InternVLChatModel"], model_type="internvl_chat", downsample_ratio=cfg.downsample_ratio,
-      force_image_size=v.image_size, select_layer=v.select_layer, ps_version="v2", template="internvl2_5",
+      force_image_size=v.image_size, select_layer=v.select_layer, ps_version="v2",
+      template="internvl3_5_gpt_oss" if t.arch == "gpt_oss" else "internvl2_5",
       dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
       img_context_token_id=cfg.image_token_id, tie_word_embeddings=t.tie_word_embeddings,
       vision_config=dict(architectures=["InternVisionModel"], model_type="intern_vit_6b", hidden_size=v.hidden_size,
@@ -226,19 +255,26 @@ def _np_dtype(dtype) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype))
 
 
-def tensor_sources(ckpt: safetensors_io.Checkpoint, layout: str) -> dict[str, np.ndarray]:
+def tensor_sources(ckpt: safetensors_io.Checkpoint, layout: str, arch: str = "qwen3") -> dict[str, np.ndarray]:
   """canonical key -> the tensor as a lazy view of the checkpoint (nothing is read). transformers' fused
-  in-memory MoE experts (`mlp.experts.gate_up_proj` [E, 2I, d], `mlp.experts.down_proj` [E, d, I]) appear
-  as the per-expert tensors that released checkpoints hold, each a slice of the fused view."""
+  in-memory Qwen3-MoE experts (`mlp.experts.gate_up_proj` [E, 2I, d], `mlp.experts.down_proj` [E, d, I])
+  appear as the per-expert tensors that released checkpoints hold, each a slice of the fused view. GPT-OSS
+  keeps its fused experts; those stored as MXFP4 (`X_blocks` + `X_scales`) appear as X, dequantized when
+  read (`mxfp4.Packed`)."""
   out = {}
+  packed = mxfp4.pairs(ckpt.keys()) if arch == "gpt_oss" else {}
+  for base, (blocks, scales) in packed.items():
+    out[canonical_hf_key(base) if layout == "hf" else base] = mxfp4.Packed(ckpt.view(blocks), ckpt.view(scales))
   for key in ckpt.keys():
+    if packed and mxfp4.is_mxfp4_key(key):
+      continue
     name, view = (canonical_hf_key(key) if layout == "hf" else key), ckpt.view(key)
-    if name.endswith("mlp.experts.gate_up_proj") and view.ndim == 3:
+    if arch != "gpt_oss" and name.endswith("mlp.experts.gate_up_proj") and view.ndim == 3:
       half = view.shape[1] // 2
       for x in range(view.shape[0]):
         out[f"{name[:-len('gate_up_proj')]}{x}.gate_proj.weight"] = view[x, :half]
         out[f"{name[:-len('gate_up_proj')]}{x}.up_proj.weight"] = view[x, half:]
-    elif name.endswith("mlp.experts.down_proj") and view.ndim == 3:
+    elif arch != "gpt_oss" and name.endswith("mlp.experts.down_proj") and view.ndim == 3:
       for x in range(view.shape[0]):
         out[f"{name[:-len('down_proj')]}{x}.down_proj.weight"] = view[x]
     else:
@@ -248,6 +284,8 @@ def tensor_sources(ckpt: safetensors_io.Checkpoint, layout: str) -> dict[str, np
 
 def _file_order(lazy) -> list[int]:
   """lazy's axes from slowest- to fastest-varying in the file."""
+  if isinstance(lazy, mxfp4.Packed):
+    return list(range(lazy.ndim))
   if isinstance(lazy, Stacked):
     inner = _file_order(lazy.parts[0])
     return [lazy.axis] + [a + (a >= lazy.axis) for a in inner]
@@ -270,6 +308,8 @@ def _fill(ckpt: safetensors_io.Checkpoint, lazy, out: np.ndarray) -> None:
   if isinstance(lazy, Stacked):
     for j, part in enumerate(lazy.parts):
       _fill(ckpt, part, out[(slice(None),) * lazy.axis + (j,)])
+  elif isinstance(lazy, mxfp4.Packed):
+    out[...] = lazy.dequantize(lambda view: read(ckpt, view, view.dtype))
   else:
     ckpt.read_into(lazy, out)
 
@@ -318,7 +358,8 @@ def is_flash_checkpoint(path: str) -> bool:
   cfg, layout = load_config(path)
   if cfg.flash is not None:
     return True
-  return any(k.startswith(_FLASH_PREFIXES[layout]) for k in tensor_sources(safetensors_io.Checkpoint(path), layout))
+  sources = tensor_sources(safetensors_io.Checkpoint(path), layout, cfg.text.arch)
+  return any(k.startswith(_FLASH_PREFIXES[layout]) for k in sources)
 
 
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
@@ -334,7 +375,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   """
   cfg, layout = load_config(path)
   ckpt = safetensors_io.Checkpoint(path)
-  sources = tensor_sources(ckpt, layout)
+  sources = tensor_sources(ckpt, layout, cfg.text.arch)
   if cfg.flash is None and any(k.startswith(_FLASH_PREFIXES[layout]) for k in sources):
     cfg, layout = load_config(path, flash_weights=True)
   flash = config_overrides.pop("flash", {})

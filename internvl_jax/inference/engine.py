@@ -64,12 +64,21 @@ CACHE_SLACK = 16
 def init_cache(cfg, batch: int, length: int):
   """An empty KV cache for `length` tokens: per-layer keys [batch, kv_heads, head_dim, S] and values [batch,
   kv_heads, S, head_dim] (see model/attention.py) with elements as `backend.kv_storage` keeps them, slot
-  validity, and each row's next write slot; S = length + CACHE_SLACK."""
+  validity, and each row's next write slot; S = length + CACHE_SLACK. A sliding-window layer (GPT-OSS)
+  keeps a ring of `sliding_window` slots instead of S (`attention.ring_attention`)."""
   t, length = cfg.text, length + CACHE_SLACK
-  zeros = lambda *shape: tuple(jnp.zeros(shape, backend.kv_storage(cfg.compute_dtype)) for _ in range(t.num_layers))
-  return {"k": zeros(batch, t.num_kv_heads, t.head_dim, length),
-          "v": zeros(batch, t.num_kv_heads, length, t.head_dim), "valid": jnp.zeros((batch, length), bool),
-          "index": jnp.zeros((batch,), jnp.int32)}
+  dt = backend.kv_storage(cfg.compute_dtype)
+  slots = [t.window(i) or length for i in range(t.num_layers)]
+  return {"k": tuple(jnp.zeros((batch, t.num_kv_heads, t.head_dim, s), dt) for s in slots),
+          "v": tuple(jnp.zeros((batch, t.num_kv_heads, s, t.head_dim), dt) for s in slots),
+          "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((batch,), jnp.int32)}
+
+
+def cache_bytes(cfg, batch: int, length: int) -> int:
+  """Bytes of `init_cache(cfg, batch, length)`'s keys and values (without CACHE_SLACK)."""
+  t = cfg.text
+  per_slot = 2 * batch * t.num_kv_heads * t.head_dim * jnp.dtype(backend.kv_storage(cfg.compute_dtype)).itemsize
+  return per_slot * sum(t.window(i) or length for i in range(t.num_layers))
 
 
 @dataclasses.dataclass
@@ -125,7 +134,7 @@ class Engine:
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
     out = model.language_model(embeds, positions, mask.astype(jnp.int32), cache=cache, logits_at=last,
-                               span=min(ids.shape[1], cache["valid"].shape[1]))
+                               span=min(ids.shape[1], cache["valid"].shape[1]), fresh=True)
     return out.logits[:, 0].astype(jnp.float32), out.cache
 
   def _step_impl(self, state, tokens, cache, seen, active, key, settings, span):

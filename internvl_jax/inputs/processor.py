@@ -6,10 +6,10 @@ Messages are `{'role': 'system'|'user'|'assistant', 'content': ...}` or InternVL
 placeholders filled in order from `images=` / `videos=`, or a list of parts `{'type': 'text', 'text': ...}`,
 `{'type': 'image', 'image': PIL | path | bytes | array}`, `{'type': 'video', 'video': path | [frames]}`.
 The image markers `<img>`, `</img>` and `<IMG_CONTEXT>`, the chat template's control tokens (`<|im_start|>`,
-`<|im_end|>`) and the tokenizer's pad token (`<|endoftext|>`) may not appear in message text: the processor
-alone writes them. The tokenizer would read them as the special tokens, so a user's text could forge a turn
-or break the pairing of each `<IMG_CONTEXT>` with an image feature; such text is refused (ValueError), not
-silently re-tokenized.
+`<|im_end|>`; harmony's `<|start|>`, `<|message|>`, ...) and the tokenizer's pad token (`<|endoftext|>`) may
+not appear in message text: the processor alone writes them. The tokenizer would read them as the special
+tokens, so a user's text could forge a turn or break the pairing of each `<IMG_CONTEXT>` with an image
+feature; such text is refused (ValueError), not silently re-tokenized.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 from internvl_jax.inputs import dynamic_resolution as dr
 from internvl_jax.inputs import labels as labels_lib
 from internvl_jax.inputs import video as video_lib
-from internvl_jax.inputs.conversation import IMG_CONTEXT, IMG_END, IMG_START, THINKING_SYSTEM, get_template, image_tokens
+from internvl_jax.inputs.conversation import IMG_CONTEXT, IMG_END, IMG_START, get_template, image_tokens
 from internvl_jax.inputs.tokenizer import Tokenizer
 
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -153,8 +153,9 @@ class Processor:
     ignored) and loss_weights [L]. Raises ValueError naming the message or file at fault.
 
     system: replaces the template's default system message (and a leading system message). thinking: use
-    the thinking-mode system prompt; it is an error together with `system=` or a system message, since one
-    of the two would have to be dropped silently. Videos: `num_segments` midpoint frames at inference;
+    the template's thinking-mode system prompt, and its way of writing `<think>` sections of assistant
+    messages (harmony: an analysis message); it is an error together with `system=` or a system message,
+    since one of the two would have to be dropped silently. Videos: `num_segments` midpoint frames at inference;
     in training `num_frames` (or a drawn number, see the class docstring) frames by `sample` ('rand' or
     'middle'). jpeg_augment: re-encode every tile (and video frame) as JPEG at a random quality 75..100,
     as the official training transform does per tile."""
@@ -170,7 +171,7 @@ class Processor:
       if messages and messages[0]["role"] == "system":
         raise ValueError("thinking=True sets the system prompt; it cannot be combined with a system message "
                          "(message 0)")
-      system = THINKING_SYSTEM
+      system = self.template.thinking_system
     # Images get max_tiles // number of images tiles each; video frames one tile each.
     per_image = max(1, self.max_tiles // max(1, sum(k == "image" for _, k, _ in items)))
     tiles, counts, sources = [], [], iter(items)
@@ -200,7 +201,8 @@ class Processor:
         m["content"] = _PLACEHOLDER.sub(expand, m["content"] if train else m["content"].replace("<video>\n", "<video>"))
     if add_generation_prompt is None:
       add_generation_prompt = not train and (not messages or messages[-1]["role"] != "assistant")
-    turns = self.template.turns(messages, system=system, add_generation_prompt=add_generation_prompt)
+    turns = self.template.turns(messages, system=system, add_generation_prompt=add_generation_prompt,
+                                thinking=thinking)
     ids, labels = [], []
     for turn in turns:
       t = self.tokenizer.encode(turn.text)

@@ -140,28 +140,78 @@ def _headwise(q, k, v, mask, scale):
 
 # ------------------------------------------------------------------------------------------ the KV cache
 
-def cache_view(cache, segment_ids, span=None):
+def cache_view(cache, segment_ids, span=None, fresh: bool = False):
   """Where t new tokens go in the cache and what each may attend to: slots index..index+t-1 (rows, slots
   [b, t] for the scatter), the cache's validity after writing (padding stays invalid), and the mask
   [b, t, S]: valid slots at or before the query's own slot. span (static): attention reads only slots
-  [0, span), which must hold every valid slot."""
+  [0, span), which must hold every valid slot. fresh (static): the cache holds nothing yet (a prefill), so
+  the new tokens may attend among themselves through `attention` (the Pallas kernels on TPU/GPU)."""
   b, t = segment_ids.shape
   size = cache["valid"].shape[1]
   slots = cache["index"][:, None] + jnp.arange(t, dtype=jnp.int32)[None]
   rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
   valid = cache["valid"].at[rows, slots].set(segment_ids != 0)
   mask = valid[:, None, :] & (jnp.arange(size)[None, None, :] <= slots[:, :, None])
-  return {"rows": rows, "slots": slots, "valid": valid, "mask": mask, "span": span or size}
+  return {"rows": rows, "slots": slots, "valid": valid, "mask": mask, "span": span or size,
+          "index": cache["index"], "old_valid": cache["valid"], "segment_ids": segment_ids, "fresh": fresh}
 
 
-def cached_attention(q, k, v, kv, view):
-  """New queries, keys and values [b, t, heads, h] against a layer's cache kv = (keys [b, kv, h, S], values
-  [b, kv, S, h], elements as `backend.kv_storage` keeps them): writes k, v at the view's slots, attends over
-  the first `span` slots -> (out [b, t, n, h], the updated (keys, values))."""
+def _write(kv, k, v, rows, slots):
   k_cache, v_cache = kv
-  rows, slots, span = view["rows"], view["slots"], view["span"]
-  k_cache = k_cache.at[rows, :, :, slots].set(backend.to_storage(k, k_cache.dtype))
-  v_cache = v_cache.at[rows, :, slots].set(backend.to_storage(v, v_cache.dtype))
+  k_cache = k_cache.at[rows, :, :, slots].set(backend.to_storage(k, k_cache.dtype), mode="drop")
+  v_cache = v_cache.at[rows, :, slots].set(backend.to_storage(v, v_cache.dtype), mode="drop")
+  return k_cache, v_cache
+
+
+def cached_attention(q, k, v, kv, view, *, window: int | None = None, sinks=None,
+                     kernels_cfg: KernelConfig = KernelConfig()):
+  """New queries, keys and values [b, t, heads, h] against a layer's cache kv = (keys [b, kv, h, S], values
+  [b, kv, S, h], elements as `backend.kv_storage` keeps them) -> (out [b, t, n, h], the updated (keys,
+  values)). A full layer writes k, v at the view's slots and attends over the first `span` slots; a
+  sliding layer (`window`) keeps a ring of `window` slots (`ring_attention`). On a fresh cache with the
+  Pallas kernels in use, the new tokens attend among themselves through `attention` instead (the same
+  keys: nothing else is valid yet)."""
+  if view["fresh"] and backend.attention_impl(kernels_cfg) != "xla":
+    out = attention(q, k, v, causal=True, segment_ids=view["segment_ids"], sliding_window=window, sinks=sinks,
+                    kernels_cfg=kernels_cfg)
+    return out, (ring_write(kv, k, v, view) if window else _write(kv, k, v, view["rows"], view["slots"]))
+  if window:
+    return ring_attention(q, k, v, kv, view, window, sinks)
+  k_cache, v_cache = _write(kv, k, v, view["rows"], view["slots"])
+  span = view["span"]
   out = _attend(q, backend.from_storage(k_cache[..., :span], q.dtype),
-                backend.from_storage(v_cache[:, :, :span], q.dtype), view["mask"][:, :, :span], None, None)
+                backend.from_storage(v_cache[:, :, :span], q.dtype), view["mask"][:, :, :span], None, sinks)
   return out, (k_cache, v_cache)
+
+
+def ring_attention(q, k, v, kv, view, window: int, sinks=None):
+  """A sliding-window layer whose cache is a ring of `window` slots: ring slot j holds the latest token whose
+  cache slot s has s % window == j. The new queries attend to the ring's tokens from before this write and
+  to the new keys, each key kept when valid and fewer than `window` slots behind the query; then
+  `ring_write` stores the new tokens."""
+  k_ring, v_ring = kv
+  w = k_ring.shape[-1]
+  if w != window:
+    raise ValueError(f"a sliding layer's ring holds {w} slots for a window of {window}")
+  index = view["index"][:, None]
+  held = index - 1 - jnp.mod(index - 1 - jnp.arange(w)[None], w)  # [b, w]: the cache slot each ring slot holds
+  held_valid = (held >= 0) & jnp.take_along_axis(view["old_valid"], jnp.maximum(held, 0), axis=1)
+  keys_at = jnp.concatenate([held, view["slots"]], axis=1)  # [b, w + t]
+  keys_ok = jnp.concatenate([held_valid, view["segment_ids"] != 0], axis=1)
+  back = view["slots"][:, :, None] - keys_at[:, None, :]
+  mask = keys_ok[:, None, :] & (back >= 0) & (back < window)
+  keys = jnp.concatenate([backend.from_storage(k_ring, q.dtype), rearrange(k, "b t k h -> b k h t")], axis=-1)
+  values = jnp.concatenate([backend.from_storage(v_ring, q.dtype), rearrange(v, "b t k h -> b k t h")], axis=2)
+  return _attend(q, keys, values, mask, None, sinks), ring_write(kv, k, v, view)
+
+
+def ring_write(kv, k, v, view):
+  """Writes the last `window` valid new tokens into the ring: earlier ones would be overwritten within this
+  same write (a scatter with repeated slots has no defined order), and padding must not evict tokens that a
+  later query's window still holds."""
+  w = kv[0].shape[-1]
+  new = view["segment_ids"] != 0
+  written = jnp.sum(new, axis=1, keepdims=True)
+  keep = new & (jnp.arange(new.shape[1])[None] >= written - w)
+  return _write(kv, k, v, view["rows"], jnp.where(keep, jnp.mod(view["slots"], w), w))  # w: dropped
+

@@ -51,21 +51,26 @@ def load_balancing_loss(counts, prob_sums, rows):
   return num_experts * jnp.sum((counts / rows) * (prob_sums / rows))
 
 
-def routed_experts(xf, weights, experts, gate, up, down, *, offset=0, kernels_cfg: KernelConfig = KernelConfig()):
-  """SwiGLU experts over tokens sorted by expert: xf [T, d], top-k weights/experts [T, k], expert
-  weights [E_local, d, I] / [E_local, I, d] for experts offset..offset+E_local-1 -> [T, d].
-
-  Assignments to experts outside that range (held by other expert shards) sort after every group, where
-  the grouped matmul leaves zero rows, and their weight is zeroed, so they add nothing here. With
-  offset 0 and all E experts this is the whole layer. Expert matmuls go through
-  `grouped_matmul`."""
-  k, n_local = experts.shape[1], gate.shape[0]
+def sort_by_expert(experts, offset: int, n_local: int):
+  """The top-k assignments [T, k] sorted by local expert -> (order [T*k], their tokens [T*k], group sizes
+  [n_local], whether each assignment is local [T*k]). Assignments to experts outside offset..offset+n_local-1
+  (held by other expert shards) sort after every group, where the grouped matmul leaves zero rows."""
+  k = experts.shape[1]
   local = experts.reshape(-1) - offset
   mine = (local >= 0) & (local < n_local)
   local = jnp.where(mine, local, n_local)
   order = jnp.argsort(local, stable=True)
-  token = order // k
   sizes = jnp.bincount(local, length=n_local).astype(jnp.int32)  # the out-of-range id n_local is not counted
+  return order, order // k, sizes, mine
+
+
+def routed_experts(xf, weights, experts, gate, up, down, *, offset=0, kernels_cfg: KernelConfig = KernelConfig()):
+  """SwiGLU experts over tokens sorted by expert: xf [T, d], top-k weights/experts [T, k], expert
+  weights [E_local, d, I] / [E_local, I, d] for experts offset..offset+E_local-1 -> [T, d].
+
+  Assignments to other experts (`sort_by_expert`) get weight zero, so they add nothing here. With
+  offset 0 and all E experts this is the whole layer. Expert matmuls go through `grouped_matmul`."""
+  order, token, sizes, mine = sort_by_expert(experts, offset, gate.shape[0])
   xs = xf[token]
   gmm = lambda lhs, rhs: grouped_matmul(lhs, rhs, sizes, kernels_cfg=kernels_cfg)
   h = jax.nn.silu(gmm(xs, gate)) * gmm(xs, up)
@@ -117,14 +122,15 @@ def expert_parallel_size(num_experts: int) -> int:
   return ep if ep > 1 and num_experts % ep == 0 else 1
 
 
-def moe_per_shard(fn, tokens: tuple, params: tuple, *, kernels_cfg: KernelConfig):
+def moe_per_shard(fn, tokens: tuple, params: tuple, *, kernels_cfg: KernelConfig, param_axes: tuple | None = None):
   """fn(*tokens, *params) -> [tokens, d]: the routed expert computation. Expert-parallel when the mesh's
   'expert' axis shards the experts (`moe_expert_parallel`). Otherwise, with the Pallas grouped matmul it
   runs per token shard (group sizes must be shard-local), the expert weights gathered on every shard, and
-  XLA's ragged_dot is left to GSPMD."""
+  XLA's ragged_dot is left to GSPMD. param_axes: each param's logical axes (default: Qwen3-MoE's gate, up,
+  down)."""
   impl = backend.moe_impl(kernels_cfg)
   if expert_parallel_size(params[0].shape[0]) > 1:
-    return moe_expert_parallel(fn, *tokens, *params)
+    return moe_expert_parallel(fn, *tokens, *params, param_axes=param_axes or QWEN3_EXPERT_AXES)
   if impl == "xla":
     return fn(*tokens, *params)
   mesh = jax.sharding.get_abstract_mesh()
@@ -133,7 +139,10 @@ def moe_per_shard(fn, tokens: tuple, params: tuple, *, kernels_cfg: KernelConfig
   return backend.per_shard(fn, (*tokens, *params), specs, P(batch, None))
 
 
-def moe_expert_parallel(fn, xf, weights, experts, gate, up, down):
+QWEN3_EXPERT_AXES = (("expert", "embed", "mlp"), ("expert", "embed", "mlp"), ("expert", "mlp", "embed"))
+
+
+def moe_expert_parallel(fn, xf, weights, experts, *params, param_axes=QWEN3_EXPERT_AXES):
   """Expert parallelism: each shard of the 'expert' axis (size ep) holds E/ep experts and computes only
   their contributions, for every token of its expert group (the ep shards that share data/fsdp indices).
 
@@ -159,19 +168,25 @@ def moe_expert_parallel(fn, xf, weights, experts, gate, up, down):
   expert shard: no gather, and a psum over 'expert' sums the contributions.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  n_local = gate.shape[0] // mesh.shape["expert"]
+  n_local = params[0].shape[0] // mesh.shape["expert"]
   batch = backend.batch_axes(xf.shape[0], mesh)
   split = "expert" in (batch if isinstance(batch, tuple) else (batch,))
-  mlp = logical_to_spec(("expert", "embed", "mlp"), gate.shape, mesh)[2]
-  tok, in_w, out_w = P(batch, None), P("expert", None, mlp), P("expert", mlp, None)
+  specs = [logical_to_spec(axes, p.shape, mesh) for axes, p in zip(param_axes, params)]
+  mlps = {spec[axes.index("mlp")] for axes, spec in zip(param_axes, specs) if "mlp" in axes}
+  if len(mlps) != 1:
+    raise ValueError(f"the experts' 'mlp' dimensions shard differently ({sorted(map(str, mlps))}): "
+                     f"shapes {[p.shape for p in params]}")
+  mlp = mlps.pop()
+  tok = P(batch, None)
+  w_specs = tuple(P("expert", *[mlp if a == "mlp" else None for a in axes[1:]]) for axes in param_axes)
 
-  def body(x, w, e, gate, up, down):
+  def body(x, w, e, *params):
     if split:
       x, w, e = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, w, e))
-    y = fn(x, w, e, gate, up, down, offset=jax.lax.axis_index("expert") * n_local)
+    y = fn(x, w, e, *params, offset=jax.lax.axis_index("expert") * n_local)
     # Scatter first: the psum over 'tensor' then adds T_l rows rather than T_g.
     y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True) if split else jax.lax.psum(y, "expert")
     return y if mlp is None else jax.lax.psum(y, mlp)
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, in_w, in_w, out_w), out_specs=tok,
-                       check_vma=False)(xf, weights, experts, gate, up, down)
+  return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, *w_specs), out_specs=tok,
+                       check_vma=False)(xf, weights, experts, *params)

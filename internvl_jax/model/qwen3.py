@@ -69,7 +69,7 @@ class Attention(nnx.Module):
     if cache is None:
       out = attention.attention(q, k, v, causal=True, segment_ids=segment_ids, kernels_cfg=self.kernels_cfg)
       return AttentionOut(project_out(out, self.o_proj), None)
-    out, kv = attention.cached_attention(q, k, v, kv, cache)
+    out, kv = attention.cached_attention(q, k, v, kv, cache, kernels_cfg=self.kernels_cfg)
     return AttentionOut(project_out(out, self.o_proj), kv)
 
 
@@ -104,7 +104,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, param_dtype, kernels_cfg: KernelConfig = KernelConfig(), rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, index: int = 0, *, param_dtype, kernels_cfg: KernelConfig = KernelConfig(), rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.input_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.attn = Attention(cfg, param_dtype=param_dtype, kernels_cfg=kernels_cfg, rngs=rngs)
@@ -135,8 +135,8 @@ class Qwen3Decoder(nnx.Module):
                kernels_cfg: KernelConfig = KernelConfig(), rngs: nnx.Rngs):
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
-    self.layers = nnx.List([self.layer_type(cfg, param_dtype=param_dtype, kernels_cfg=kernels_cfg, rngs=rngs)
-                            for _ in range(cfg.num_layers)])
+    self.layers = nnx.List([self.layer_type(cfg, i, param_dtype=param_dtype, kernels_cfg=kernels_cfg, rngs=rngs)
+                            for i in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
@@ -148,17 +148,19 @@ class Qwen3Decoder(nnx.Module):
     """The output projection [embed, vocab] (the embedding table, transposed, when tied)."""
     return self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
 
-  def __call__(self, x, positions, segment_ids, cache=None, logits_at=None, span=None) -> DecoderOut:
+  def __call__(self, x, positions, segment_ids, cache=None, logits_at=None, span=None, fresh=False) -> DecoderOut:
     """x: input embeddings [b, t, d]; positions [b, t]; segment_ids [b, t] (0 = padding).
 
     cache (generation, see inference/engine.py): {'k': per-layer [b, kv, h, S], 'v': per-layer [b, kv, S, h],
     'valid' [b, S], 'index' [b]}; the t tokens go to slots index..index+t-1, and the updated cache is returned.
     logits_at [b]: compute logits only at these positions ([b, 1, vocab]), as generation needs.
     span (static): attention reads only cache slots [0, span), which must hold every valid slot.
+    fresh (static): the cache is empty before these tokens (a prefill; see `attention.cached_attention`).
+    GPT-OSS's sliding layers keep a ring of `sliding_window` slots instead of S (`init_cache`).
     """
     x = constrain(x.astype(self.dtype), ("batch", "length", None))
     stats, new_k, new_v = [], [], []
-    view = None if cache is None else attention.cache_view(cache, segment_ids, span)
+    view = None if cache is None else attention.cache_view(cache, segment_ids, span, fresh)
     for i, layer in enumerate(self.layers):
       if cache is None:
         out = call_layer(layer, self.remat, x, positions, segment_ids)
