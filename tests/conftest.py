@@ -11,6 +11,9 @@ import time
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers >= 5.25 kernelizes every from_pretrained through Hugging Face's `kernels` package, whose import
+# name our top-level `kernels/` takes (README: the test command uninstalls it); without it, hub kernels are off.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

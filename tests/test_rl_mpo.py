@@ -40,10 +40,10 @@ def pair_batch(cfg, pairs=4, length=24, seed=0):
   return b
 
 
-def _train_state(mesh_shape, trainable, lr):
-  """The tiny dense model on a mesh of that shape: (cfg, mesh, graphdef, all params, rest, tx, state placed in
+def _train_state(mesh_shape, trainable, lr, preset="tiny-dense"):
+  """A tiny model on a mesh of that shape: (cfg, mesh, graphdef, all params, rest, tx, state placed in
   its shardings, the shardings)."""
-  cfg = zoo.get("tiny-dense")
+  cfg = zoo.get(preset)
   mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(list(mesh_shape.values())))])
   graphdef, params, rest = nnx.split(init_model(cfg, mesh=mesh), nnx.Param, ...)
   train, frozen = optim.split_trainable(params, trainable)
@@ -96,9 +96,10 @@ def test_eight_devices_equal_one():
   np.testing.assert_allclose(float(b8.mean), float(b1.mean), rtol=2e-5, atol=1e-7)
 
 
-def _gspo_setup(mesh_shape, policy_loss="gspo"):
+def _gspo_setup(mesh_shape, policy_loss="gspo", preset="tiny-dense"):
   """8 rollouts (2 prompts x G = 4), rewards fixed per response; old log-probs from the starting policy."""
-  cfg, mesh, graphdef, params, rest, tx, state, state_sh = _train_state(mesh_shape, ("language_model",), 3e-4)
+  cfg, mesh, graphdef, params, rest, tx, state, state_sh = _train_state(mesh_shape, ("language_model",), 3e-4,
+                                                                        preset)
   batch = pair_batch(cfg, pairs=4, seed=1)
   rewards = np.array([1, 0, 0, 1, 1, 1, 0, 0], np.float32).reshape(2, 4)
   batch["advantages"] = np.asarray(losses.group_advantages(rewards)).reshape(-1)
@@ -176,9 +177,11 @@ def test_gspo_step_starts_at_ratio_one_then_matches_a_hand_computation():
   _starts_at_ratio_one_and_follows_the_advantages(history)
 
 
-def test_gspo_step_eight_devices_equal_one():
-  one, p1 = _gspo_run({"fsdp": 1}, steps=3)
-  eight, p8 = _gspo_run({"fsdp": 4, "tensor": 2}, steps=3)
+@pytest.mark.parametrize("preset,mesh8", [("tiny-dense", {"fsdp": 4, "tensor": 2}),
+                                           ("tiny-gpt-oss", {"fsdp": 2, "tensor": 2, "expert": 2})])
+def test_gspo_step_eight_devices_equal_one(preset, mesh8):
+  one, p1 = _gspo_run({"fsdp": 1}, steps=3, preset=preset)
+  eight, p8 = _gspo_run(mesh8, steps=3, preset=preset)
   for m1, m8 in zip(one, eight):
     for k in ("loss", "ratio_mean", "clip_frac"):
       np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-7, err_msg=k)

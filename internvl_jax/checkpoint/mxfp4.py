@@ -107,6 +107,13 @@ class Packed:
     g0, g1 = start // 32, -(-stop // 32)
     return Packed(self.blocks[e, o, g0:g1], self.scales[e, o, g0:g1], slice(start - g0 * 32, stop - g0 * 32))
 
+  def reshape(self, *shape) -> "Packed":
+    """Only to its own shape (what `keys.plain` asks of the experts, which keep transformers' layout)."""
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+    if shape != self.shape:
+      raise ValueError(f"an MXFP4 tensor of shape {self.shape} cannot be reshaped to {shape}")
+    return self
+
   def dequantize(self, read) -> np.ndarray:
     """read(view) -> the view's values as an array (the checkpoint reader) -> [E, in, out] float32."""
     return dequantize(read(self.blocks), read(self.scales))[:, self.cut]
