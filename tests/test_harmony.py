@@ -34,7 +34,7 @@ def processor():
   tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL[:1],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tok.add_special_tokens(SPECIAL[1:])
-  return Processor(Tokenizer(tok), template="internvl3_5_gpt_oss", tokens_per_tile=4)
+  return Processor(Tokenizer(tok, template="internvl3_5_gpt_oss"), template="internvl3_5_gpt_oss", tokens_per_tile=4)
 
 
 def decode(processor, ids):
@@ -187,3 +187,24 @@ def test_chat_stops_at_return_and_at_a_closed_final_message(processor, monkeypat
   assert decode(processor, seen["prompt"]).endswith("<|start|>user<|message|>What is it?<|end|><|start|>assistant")
   script[:] = tok.encode("<|channel|>final<|message|>A cat.<|return|>junk")
   assert chat_lib.chat(None, processor, "What is it?", max_new_tokens=64) == "A cat."
+
+
+def test_tokenizer_ends_replies_at_return_and_must_match_the_processor(processor):
+  tok = processor.tokenizer
+  assert tok.eos_id == tok.token_id("<|return|>")
+  with pytest.raises(ValueError, match="template 'internvl3_5_gpt_oss'.*'internvl2_5'"):
+    Processor(tok, template="internvl2_5")
+  chatml = Tokenizer(tok.tok)  # the default ChatML template: its reply ends at <|im_end|>
+  assert chatml.eos_id == tok.token_id("<|im_end|>")
+
+
+def test_server_text_is_the_final_channel_as_it_streams(processor):
+  """`reply_text`, what the server sends: the final channel's text so far, complete once it is closed."""
+  tok = processor.tokenizer
+  ids = tok.encode("<|channel|>analysis<|message|>Let me look.<|end|><|start|>assistant<|channel|>final"
+                   "<|message|>A cat.<|end|>")
+  seen = [chat_lib.reply_text(HARMONY, tok, ids[:n]) for n in range(1, len(ids) + 1)]
+  final_header = len(ids) - 1 - ids[::-1].index(tok.token_id("<|message|>"))
+  assert all(text == "" for text, _ in seen[:final_header + 1])  # nothing of the analysis channel
+  assert seen[-2] == ("A cat.", False) and seen[-1] == ("A cat.", True)
+  assert chat_lib.reply_text(get_template("internvl2_5"), tok, tok.encode("A cat.")) == ("A cat.", False)

@@ -26,6 +26,16 @@ def reply_answer(template: Template, text: str, *, thinking: bool = False, stop=
   return split_thinking(text) if thinking else text.strip()
 
 
+def reply_text(template: Template, tok, tokens) -> tuple[str, bool]:
+  """What a client sees of the reply tokens so far (eos excluded) and whether the reply is complete before
+  any eos: the text; for harmony, the final channel's text so far (the server does not send the analysis
+  channel), complete once `harmony_reply_done`."""
+  if not template.harmony:
+    return tok.decode(tokens), False
+  raw = tok.decode(tokens, skip_special_tokens=False)
+  return parse_harmony(raw)[1], harmony_reply_done(raw)
+
+
 def chat(model, processor, question: str, images=None, video=None, *, history=None, system=None,
          thinking: bool = False, max_new_tokens: int = 512, stop=(), stream=None, flash: bool | None = None,
          return_stats: bool = False, **sampling):

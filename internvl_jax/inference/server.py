@@ -49,6 +49,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from flax import nnx
 
+from internvl_jax.inference.chat import reply_text
 from internvl_jax.inference.engine import Engine, decode_carry, init_cache, row_keys, unrouted_stats, use_flash
 from internvl_jax.inference.sampling import Sampling, settings_arrays
 from internvl_jax.inference.openai_schema import BadRequest, Limits, parse
@@ -100,7 +101,7 @@ class Batcher:
                chunk: int = 8):
     self.engine, self.state = Engine(model), nnx.state(model)
     self.flash = use_flash(model.cfg, flash)
-    self.tok, self.cfg = processor.tokenizer, model.cfg
+    self.tok, self.cfg, self.template = processor.tokenizer, model.cfg, processor.template
     self.max_batch, self.max_len, self.chunk = max_batch, max_len, chunk
     self._eos = np.asarray([self.tok.eos_id, self.tok.pad_id], np.int32)
     self.pending: queue.Queue[Request | None] = queue.Queue()
@@ -227,11 +228,11 @@ class Batcher:
     eos = token in self._eos
     if not eos:
       req.tokens.append(token)
-    text = self.tok.decode(req.tokens)
+    text, complete = reply_text(self.template, self.tok, req.tokens)
     hits = [text.index(s) for s in req.stop if s in text]
     if hits:
       text = text[:min(hits)]
-    done = "stop" if eos or hits else "length" if len(req.tokens) >= req.max_tokens else None
+    done = "stop" if eos or hits or complete else "length" if len(req.tokens) >= req.max_tokens else None
     if done is None:
       self._emit(req, ("text", text[:len(text) - _held_back(text, req.stop)]))
     else:

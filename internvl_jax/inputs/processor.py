@@ -46,6 +46,9 @@ class Processor:
                min_num_frames: int = 8, max_num_frames: int = 32):
     if not 1 <= min_num_frames <= max_num_frames:
       raise ValueError(f"need 1 <= min_num_frames <= max_num_frames, got {min_num_frames}, {max_num_frames}")
+    if tokenizer.template != template:
+      raise ValueError(f"{tokenizer.name} was made for template {tokenizer.template!r} (its end-of-reply token), "
+                       f"the processor for {template!r}: pass Tokenizer(..., template={template!r})")
     self.tokenizer, self.template = tokenizer, get_template(template)
     self.tokens_per_tile, self.tile_size = tokens_per_tile, tile_size
     self.min_tiles, self.max_tiles, self.use_thumbnail = min_tiles, max_tiles, use_thumbnail

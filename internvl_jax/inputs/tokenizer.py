@@ -2,34 +2,40 @@
 
 InternVL adds `<img>`, `</img>`, `<IMG_CONTEXT>` (and quad/ref/box markers) to the base tokenizer; the
 model's `image_token_id` must be the tokenizer's `<IMG_CONTEXT>` id, which `check_model_config` enforces.
+The chat template decides the other required tokens and the end of a reply: `<|im_end|>` for ChatML
+(`internvl2_5`), `<|return|>` for GPT-OSS's harmony (`internvl3_5_gpt_oss`).
 """
 from __future__ import annotations
 
 import json
 import os
 
-from internvl_jax.inputs.conversation import IMG_CONTEXT, IMG_END, IMG_START
-
-REQUIRED = (IMG_START, IMG_END, IMG_CONTEXT, "<|im_start|>", "<|im_end|>")
+from internvl_jax.inputs.conversation import IMG_CONTEXT, IMG_END, IMG_START, get_template
 
 
 class Tokenizer:
+  """eos_id: the template's end of a reply; pad_id: `<|endoftext|>` when the vocabulary has it."""
 
-  def __init__(self, tokenizer, *, name: str = "tokenizer", pad_token: str | None = None):
-    self.tok, self.name = tokenizer, name
-    missing = [t for t in REQUIRED if tokenizer.token_to_id(t) is None]
+  def __init__(self, tokenizer, *, name: str = "tokenizer", pad_token: str | None = None,
+               template: str = "internvl2_5"):
+    self.tok, self.name, self.template = tokenizer, name, template
+    tpl = get_template(template)
+    required = (IMG_START, IMG_END, IMG_CONTEXT, *tpl.control_tokens)
+    missing = [t for t in required if tokenizer.token_to_id(t) is None]
     if missing:
-      raise ValueError(f"{name}: special tokens {missing} are missing (InternVL needs {list(REQUIRED)})")
+      raise ValueError(f"{name}: special tokens {missing} are missing (InternVL with template {template!r} needs "
+                       f"{list(required)})")
     self.pad_token = pad_token or ("<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None
-                                   else "<|im_end|>")
+                                   else tpl.stop[0])
     self.pad_id = self.token_id(self.pad_token)
-    self.eos_id = self.token_id("<|im_end|>")
+    self.eos_id = self.token_id(tpl.stop[0])
     self.image_token_id = self.token_id(IMG_CONTEXT)
 
   @classmethod
-  def from_pretrained(cls, folder: str) -> "Tokenizer":
+  def from_pretrained(cls, folder: str, template: str | None = None) -> "Tokenizer":
     """`tokenizer.json` of a checkpoint folder; `tokenizer_config.json` (if present) for the pad token and
-    a consistency check of its added tokens' ids."""
+    a consistency check of its added tokens' ids. template: default the folder's config.json `template`
+    (the original layout writes it), else 'internvl2_5'."""
     from tokenizers import Tokenizer as HFTokenizer
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(path):
@@ -49,7 +55,12 @@ class Tokenizer:
           raise ValueError(f"{config_path}: token {t['content']!r} has id {i} there but {have} in tokenizer.json")
       pad = config.get("pad_token")
       pad = pad.get("content") if isinstance(pad, dict) else pad
-    return cls(tok, name=path, pad_token=pad)
+    if template is None:
+      template = "internvl2_5"
+      if os.path.exists(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+          template = json.load(f).get("template") or template
+    return cls(tok, name=path, pad_token=pad, template=template)
 
   def token_id(self, token: str) -> int:
     i = self.tok.token_to_id(token)

@@ -284,7 +284,7 @@ def prepare(cfg, workdir: str, *, mesh=None, make_iterator=None, extra=None, tra
   is then (TrainState, value). `mesh`: the config's, when not given. trainable: as in `create_state`."""
   mesh = sharding.make_mesh(dict(cfg.mesh)) if mesh is None else mesh
   tok_dir = tokenizer_dir(cfg)
-  tokenizer = Tokenizer.from_pretrained(tok_dir)
+  tokenizer = Tokenizer.from_pretrained(tok_dir, template=cfg.data.template)
   model_cfg = model_config(cfg, tokenizer)
   processor = make_processor(cfg, model_cfg, tokenizer)
   write_model_folder(os.path.join(workdir, "model"), model_cfg, tok_dir)
