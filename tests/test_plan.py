@@ -29,6 +29,7 @@ def tiny(name, mesh_shape, **kw):
 @pytest.mark.parametrize("name,mesh_shape,param_dtype", [
     ("tiny-dense", {"fsdp": 4, "tensor": 2}, "float32"),
     ("tiny-moe", {"fsdp": 2, "tensor": 2, "expert": 2}, "bfloat16"),
+    ("tiny-gpt-oss", {"fsdp": 2, "tensor": 2, "expert": 2}, "bfloat16"),
 ])
 def test_parameter_bytes_equal_the_real_shards(name, mesh_shape, param_dtype):
   """Every device holds exactly the planner's bytes once the model is initialised in its shardings."""
