@@ -59,8 +59,9 @@ def payload(args, image) -> dict:
           "stream_options": {"include_usage": True}}
 
 
-def preset_checkpoint(name: str, folder: str) -> tuple[str, str]:
-  """A random-weight checkpoint of zoo shape `name` with a tokenizer built here; (checkpoint, image png)."""
+def preset_checkpoint(name: str, folder: str, cfg=None) -> tuple[str, str]:
+  """A random-weight checkpoint of zoo shape `name` (or of `cfg`, saved as `name`) with a tokenizer built
+  here; (checkpoint, image png)."""
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -69,7 +70,7 @@ def preset_checkpoint(name: str, folder: str) -> tuple[str, str]:
       vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tok.add_special_tokens(["<think>", "</think>", "<img>", "</img>", "<IMG_CONTEXT>"])
-  cfg = zoo.get(name)
+  cfg = cfg or zoo.get(name)
   cfg = cfg.replace(image_token_id=tok.token_to_id("<IMG_CONTEXT>"), dtype="float32", param_dtype="float32")
   tok.add_tokens([f" w{i}" for i in range(tok.get_vocab_size(), cfg.text.vocab_size)])
   path = os.path.join(folder, name)

@@ -54,3 +54,17 @@ def test_vico_benchmark_runs():
   for name in ("SFT step", "reference forward alone", "consistency step", "router step (eq. 8-9, 3 variants)"):
     assert name in out
   assert "of the consistency step" in out
+
+
+def test_dvd_benchmark_runs():
+  """One process, DvD and DvD + Flash on real processes; the stage table and the separate-machines estimate.
+  One 448 px tile per request: 256 rows of 64 bfloat16 values = 32 KiB of features."""
+  out = subprocess.run([sys.executable, "benchmarks/dvd.py", "--sizes=448", "--requests=2", "--rate=4",
+                        "--max_tokens=3", "--vision_layers=1", "--text_layers=1", "--text_width=64",
+                        "--max_len=512"], check=True, capture_output=True, text=True).stdout
+  rows = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines() if " | " in line}
+  assert set(rows) == {"config", "one process", "DvD", "DvD + Flash"}, out
+  for name in ("DvD", "DvD + Flash"):
+    assert float(rows[name][4]) > 0 and float(rows[name][7]) == 32.0, rows[name]  # vision ms, feature KiB
+    assert f"  {name}: vision " in out and "req/s on two machines" in out
+  assert float(rows["one process"][4]) == 0.0 and float(rows["one process"][8]) > 0  # ViT inside the prefill

@@ -571,17 +571,22 @@ def saved_ckpt(ckpt_dir, tmp_path_factory):
   return path
 
 
+def serve_py(*argv):
+  """`serve.py *argv` serving HTTP (with --served_model_name=tiny) -> (process, url from its first line)."""
+  proc = subprocess.Popen([sys.executable, "serve.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  line = proc.stdout.readline()
+  assert "serving 'tiny' on http://" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+  return proc, line.split(" on ")[1].strip()
+
+
 def test_sigterm_drains_running_requests_and_exits(saved_ckpt):
   """serve.py --port=0: after a request that used to kill the decode loop (top_k beyond int32), a streamed
   request that is running when SIGTERM arrives still completes, and the process exits 0."""
   import httpx
-  proc = subprocess.Popen([sys.executable, "serve.py", f"--checkpoint={saved_ckpt}", "--port=0", "--max_len=1024",
-                           "--shutdown_timeout=60", "--served_model_name=tiny"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc, url = serve_py(f"--checkpoint={saved_ckpt}", "--port=0", "--max_len=1024", "--shutdown_timeout=60",
+                       "--served_model_name=tiny")
   try:
-    line = proc.stdout.readline()
-    assert "serving 'tiny' on http://" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-    url = line.split(" on ")[1].strip()
     deadline = time.monotonic() + 60
     while True:  # uvicorn listens a moment after the line
       with contextlib.suppress(httpx.TransportError):

@@ -363,7 +363,7 @@ def is_flash_checkpoint(path: str) -> bool:
 
 
 def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = None, mesh=None,
-                    image_token_id: int | None = None, **config_overrides) -> InternVL:
+                    image_token_id: int | None = None, part: str = "all", **config_overrides) -> InternVL:
   """Load a released checkpoint folder (either layout, detected from config.json).
 
   dtype: compute dtype (and weight dtype unless `param_dtype` is given). mesh: place each tensor with its
@@ -371,7 +371,8 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   `config_overrides` replace InternVLConfig fields (e.g. remat); `flash={...}` replaces FlashConfig fields
   of a Flash checkpoint (thresholds, rule, pooling, mode). Missing, unexpected and mis-shaped
   tensors are reported together in one error. As in transformers, a config that ties lm_head to the
-  embeddings while the checkpoint holds a different lm_head loads untied (with a warning).
+  embeddings while the checkpoint holds a different lm_head loads untied (with a warning). part: 'vision' or
+  'language' (DvD, `InternVL`) reads only that part's tensors; the other part's may be absent.
   """
   cfg, layout = load_config(path)
   ckpt = safetensors_io.Checkpoint(path)
@@ -392,16 +393,21 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
   if image_token_id is not None:
     cfg = cfg.replace(image_token_id=image_token_id)
   head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
-  if cfg.text.tie_word_embeddings and head in sources and embed in sources:
+  if part != "vision" and cfg.text.tie_word_embeddings and head in sources and embed in sources:
     if not _equal(ckpt, sources[head], sources[embed]):
       warnings.warn(f"{path}: tie_word_embeddings is true but {head} differs from the embeddings; loading it "
                     "untied, as transformers does")
       cfg = cfg.replace(text=dataclasses.replace(cfg.text, tie_word_embeddings=False))
-  table = specs(cfg, layout)
+  everything = specs(cfg, layout)
+  abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0), part=part))
+  graphdef, abs_state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(abs_state))
+  table = {p: spec for p, spec in everything.items() if p in flat}
   wanted = {k: s for spec in table.values() for k, s in zip(spec.keys, spec.shapes)}
+  others = {k for spec in everything.values() for k in spec.keys} - set(wanted)  # the other part's: not read
   skip = skipped_vision_layers(cfg, layout)
   missing = sorted(set(wanted) - set(sources))
-  unexpected = sorted(k for k in set(sources) - set(wanted)
+  unexpected = sorted(k for k in set(sources) - set(wanted) - others
                       if not k.startswith(skip or ("\0",)) and not (cfg.text.tie_word_embeddings and k == head))
   mismatched = [f"{k}: checkpoint {sources[k].shape}, expected {s}" for k, s in sorted(wanted.items())
                 if k in sources and tuple(sources[k].shape) != tuple(s)]
@@ -411,9 +417,6 @@ def from_pretrained(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = N
                                   ("shape mismatches", mismatched)) if items]
     raise ValueError(f"{path} ({layout} layout) does not match the model config:\n  " + "\n  ".join(parts))
 
-  abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abs_state = nnx.split(abstract)
-  flat = dict(nnx.to_flat_state(abs_state))
   if set(flat) != set(table):
     raise AssertionError(f"key table out of sync with the model: {sorted(set(flat) ^ set(table))[:10]}")
   target = _np_dtype(cfg.param_dtype)

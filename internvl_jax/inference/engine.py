@@ -123,9 +123,11 @@ class Engine:
 
   # ------------------------------------------------------------------------------- jitted programs
 
-  def _prefill_impl(self, state, ids, mask, pixels, cache, features=None):
+  def _prefill_impl(self, state, ids, mask, pixels, cache, features=None, image_features=None):
     model = nnx.merge(self.graphdef, state)
-    if features is not None:  # Flash: each kept slot's feature from the full or the compressed table
+    if image_features is not None:  # DvD: the rows of the <IMG_CONTEXT> slots, computed by a vision server
+      embeds = model.embed_inputs(ids, image_features=image_features, checked=True)
+    elif features is not None:  # Flash: each kept slot's feature from the full or the compressed table
       full, compressed, index = features
       table = jnp.concatenate([full.reshape(-1, full.shape[-1]), compressed.reshape(-1, compressed.shape[-1])])
       embeds = model.embed_inputs(ids, image_features=table[index], checked=True)
@@ -226,9 +228,11 @@ class Engine:
     padded[:index.size] = index
     return Routed(out, (full, compressed, jnp.asarray(padded), index.size), stats)
 
-  def prefill(self, state, rows: list[np.ndarray], pixel_values, cache_len: int, *, features=None):
+  def prefill(self, state, rows: list[np.ndarray], pixel_values, cache_len: int, *, features=None,
+              image_features=None):
     """rows: token id arrays (unpadded); pixel_values: all tiles in row order, or None; features: instead of
-    pixel_values, `Routed.features` of these rows (from `route`).
+    pixel_values, `Routed.features` of these rows (from `route`); image_features: instead of both, the rows
+    [n, d] of the <IMG_CONTEXT> slots in order (DvD: from a vision server; padded here to a power of two).
     -> (last-position logits [B_bucket, V], cache, B_bucket)."""
     b = max(bucket(len(rows)), self.min_batch)
     longest = max(len(r) for r in rows)
@@ -240,6 +244,17 @@ class Engine:
     for i, r in enumerate(rows):
       ids[i, :len(r)], mask[i, :len(r)] = r, 1
     cache = init_cache(self.cfg, b, cache_len)
+    if image_features is not None:
+      if pixel_values is not None or features is not None:
+        raise ValueError("pass one of pixel_values, features, image_features")
+      feats = np.asarray(image_features)
+      if feats.ndim != 2 or feats.shape[1] != self.cfg.text.hidden_size:
+        raise ValueError(f"image_features must be [tokens, {self.cfg.text.hidden_size}], got {list(feats.shape)}")
+      check_image_tokens(ids, len(feats), self.cfg.image_token_id)
+      padded = np.zeros((bucket(len(feats)), feats.shape[1]), feats.dtype)
+      padded[:len(feats)] = feats
+      logits, cache = self._prefill(state, jnp.asarray(ids), jnp.asarray(mask), None, cache, None, jnp.asarray(padded))
+      return logits, cache, b
     if features is not None:
       if pixel_values is not None:
         raise ValueError("pass pixel_values or features, not both")

@@ -23,6 +23,10 @@ What keeps it up under hostile traffic:
 * on SIGTERM uvicorn stops accepting, lets running requests finish for `timeout_graceful_shutdown` seconds,
   then the app's shutdown stops the loop (whatever is left gets a 503) and the process exits.
 
+DvD (`make_app(vision=VisionPool)`, `serve.py --role=language`): a request's tiles go to vision servers
+first (`dvd/vision_client.py`) and it is submitted to the loop with their features, so the running batch
+decodes on while they are in flight; the model may then hold only its language part.
+
 Sampling seeds are per request: token i of a request with seed s is drawn with the key fold_in(key(s), i),
 so a seeded answer does not depend on what else shares the batch. Requests without a seed get one drawn
 from the server's own generator (`seed=`). Images are read only from base64 `data:` URLs in the request.
@@ -50,6 +54,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from flax import nnx
 
 from internvl_jax.inference.chat import reply_text
+from internvl_jax.inference.dvd.vision_client import VisionError, VisionPool, prompt_features
 from internvl_jax.inference.engine import Engine, decode_carry, init_cache, row_keys, unrouted_stats, use_flash
 from internvl_jax.inference.sampling import Sampling, settings_arrays
 from internvl_jax.inference.openai_schema import BadRequest, Limits, parse
@@ -76,6 +81,7 @@ class Request:
   tokens: list = dataclasses.field(default_factory=list)
   reason: str | None = None  # stop | length | cancelled | error, once it has ended
   visual: dict | None = None  # visual tokens before / after Flash routing (engine.visual_stats), once prefilled
+  features: np.ndarray | None = None  # DvD: the <IMG_CONTEXT> rows from a vision server, instead of pixels
 
 
 Finished = collections.namedtuple("Finished", "id tokens reason")
@@ -112,6 +118,8 @@ class Batcher:
     self._seeds = np.zeros((max_batch, 2), np.uint32)
     self._settings = [Sampling()] * max_batch
     self._batch = None  # (cache, tokens, seen) on the device, None until a request arrives or after a failure
+    # GET /stats reads it from another thread: its keys exist from the start
+    self.timing = collections.Counter(dict.fromkeys(("prefills", "prefill_s", "decode_chunks", "decode_s"), 0))
     self._lock = threading.Lock()  # orders submit() against the loop's last drain of the queue
     self._stopping = threading.Event()
     self.thread = threading.Thread(target=self._run, daemon=True, name="decode-loop")
@@ -169,8 +177,12 @@ class Batcher:
       if req.cancelled:
         self._cancelled(req)
         continue
+      start = time.perf_counter()
       try:
-        if self.flash:  # the request is routed on its own tiles; its row holds the shortened prompt
+        if req.features is not None:  # DvD: computed (and routed) by a vision server
+          logits, one, rows = self.engine.prefill(self.state, [req.ids], None, self.max_len,
+                                                  image_features=req.features)
+        elif self.flash:  # the request is routed on its own tiles; its row holds the shortened prompt
           routed = self.engine.route(self.state, [req.ids], req.pixels)
           req.ids, req.visual = routed.rows[0], routed.stats[0]
           logits, one, rows = self.engine.prefill(self.state, [req.ids], None, self.max_len, features=routed.features)
@@ -184,7 +196,7 @@ class Batcher:
         log.exception("prefill of %s failed", req.id)
         self._fail(req, 500, f"prefill failed: {type(e).__name__}: {e}")
         continue
-      req.pixels = None  # the tiles are in the cache now; don't hold them
+      req.pixels = req.features = None  # the tiles are in the cache now; don't hold them
       if self._batch is None:
         b = self.max_batch
         self._batch = (init_cache(self.cfg, b, self.max_len), jnp.zeros(b, jnp.int32),
@@ -194,6 +206,7 @@ class Batcher:
       self._seeds[row], self._settings[row] = _seed_words(req.seed), req.sampling
       self._batch = self.engine.join(*self._batch, one, row, first, first_seen)
       self._advance(row, int(first[0]))
+      self.timing.update(prefills=1, prefill_s=time.perf_counter() - start)
 
   def _step(self):
     slots = self.slots
@@ -210,11 +223,13 @@ class Batcher:
     cache, tokens, seen = self._batch
     self._batch = None  # donated below: invalid if the step raises
     carry = decode_carry(tokens, cache, seen, active, counts, words=self._seeds)
+    start = time.perf_counter()
     carry, chunk, _ = self.engine.decode(self.state, carry, settings_arrays(self._settings, self.max_batch), limits,
                                          self._eos, max(len(r.ids) + len(r.tokens) for r in running),
                                          steps=self.chunk)
     chunk = np.asarray(chunk)
     self._batch = (carry["cache"], carry["tokens"], carry["seen"])
+    self.timing.update(decode_chunks=1, decode_s=time.perf_counter() - start)
     for row in np.flatnonzero(active):
       req = slots[row]
       for token in chunk[row]:
@@ -320,11 +335,14 @@ async def _next_event(req: Request, batcher: Batcher):
 def make_app(model, processor, *, model_name: str = "internvl", max_batch: int = 8, max_len: int = 4096,
              max_tokens: int = 512, max_request_bytes: int = Limits.max_request_bytes,
              max_image_pixels: int = Limits.max_image_pixels, seed: int = 0, flash: bool | None = None,
-             decode_chunk: int = 8) -> FastAPI:
+             decode_chunk: int = 8, vision: VisionPool | None = None) -> FastAPI:
   """The app; its decode loop starts now and stops at the app's shutdown (uvicorn's lifespan). flash: route
   tiles through a Flash model's ViR router (default: the checkpoint's flash_mode); `usage` reports
   `prompt_tokens` after routing and, for every model, `visual_tokens` / `visual_tokens_before_routing`.
-  decode_chunk: decode steps per dispatch (streams get tokens in bursts of this many)."""
+  decode_chunk: decode steps per dispatch (streams get tokens in bursts of this many).
+  vision: DvD's language role (`dvd/vision_client.py`): every request's tiles go to these vision servers, and
+  its prompt joins the batch once their features are back (the model may hold only its language part);
+  a vision failure fails that request (503 down / saturated / no answer in time, 502 a bad reply)."""
   limits = Limits(max_len=max_len, max_tokens=max_tokens, max_request_bytes=max_request_bytes,
                   max_image_pixels=max_image_pixels)
   batcher = Batcher(model, processor, max_batch=max_batch, max_len=max_len, flash=flash, chunk=decode_chunk)
@@ -332,8 +350,12 @@ def make_app(model, processor, *, model_name: str = "internvl", max_batch: int =
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
+    if vision is not None:
+      await vision.start()
     yield
     await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+    if vision is not None:
+      await vision.close()
 
   app = FastAPI(title="internvl-jax", lifespan=lifespan)
   app.state.batcher, app.state.limits = batcher, limits
@@ -344,7 +366,13 @@ def make_app(model, processor, *, model_name: str = "internvl", max_batch: int =
   def health():
     if not batcher.alive:
       return JSONResponse({"status": "unavailable", "reason": batcher.error or "stopping"}, status_code=503)
-    return {"status": "ok", "running": sum(r is not None for r in batcher.slots), "queued": batcher.pending.qsize()}
+    out = {"status": "ok", "running": sum(r is not None for r in batcher.slots), "queued": batcher.pending.qsize()}
+    return out if vision is None else {**out, "vision_servers": vision.status()}
+
+  @app.get("/stats")
+  def stats():
+    """Seconds spent per stage since the start (the DvD benchmark reads them)."""
+    return {"language": dict(batcher.timing), "vision": dict(vision.stats) if vision is not None else None}
 
   @app.get("/v1/models")
   def models():
@@ -359,9 +387,16 @@ def make_app(model, processor, *, model_name: str = "internvl", max_batch: int =
       seed = parsed.seed if parsed.seed is not None else int(seeds.integers(0, 2**63))
       req = Request(f"chatcmpl-{uuid.uuid4().hex[:24]}", parsed.sample["input_ids"], parsed.sample["pixel_values"],
                     parsed.sampling, seed, parsed.max_tokens, parsed.stop, loop, asyncio.Queue())
+      if vision is not None and req.pixels is not None:  # decoding goes on meanwhile: the batch is not waiting
+        req.ids, req.features, req.visual = await prompt_features(vision, req.id, req.ids, req.pixels,
+                                                                  route=batcher.flash)
+        req.pixels = None
       batcher.submit(req)
     except BadRequest as e:
       return _error(e.status, str(e), e.code)
+    except VisionError as e:
+      log.warning("request %s: %s", req.id, e)
+      return _error(e.status, str(e))
     except Unavailable as e:
       return _error(503, str(e))
     base = {"id": req.id, "created": int(time.time()), "model": model_name}

@@ -105,27 +105,46 @@ class Output(NamedTuple):
   moe_aux_loss: jax.Array  # the load-balancing loss (scalar; 0 for a dense decoder)
 
 
-class InternVL(nnx.Module):
+PARTS = ("all", "vision", "language")
+VISION_MODULES = ("vision_model", "mlp1", "mlp2", "pooling_before_gating", "gating")  # the vision part's tops
 
-  def __init__(self, cfg: InternVLConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+
+class InternVL(nnx.Module):
+  """part: 'all', or one side of a DvD deployment (paper §2.5): 'vision' holds InternViT, the projector(s) and
+  a Flash model's router; 'language' holds the LLM and takes `image_features=` computed elsewhere. Parameter
+  paths are the same in every part, so a part loads its own tensors of a checkpoint and nothing else."""
+
+  def __init__(self, cfg: InternVLConfig, *, rngs: nnx.Rngs, part: str = "all"):
+    if part not in PARTS:
+      raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    self.cfg, self.part = cfg, part
     rngs = Keys(rngs)
     dt, pdt = cfg.compute_dtype, cfg.weight_dtype
     v, t = cfg.vision, cfg.text
-    self.vision_model = InternViT(v, dtype=dt, param_dtype=pdt, remat=cfg.remat, kernels_cfg=cfg.kernels, rngs=rngs)
-    in_dim = v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
-    self.mlp1 = MLPProjector(in_dim, t.hidden_size, param_dtype=pdt, rngs=rngs)
-    decoder = GptOssDecoder if t.arch == "gpt_oss" else Qwen3Decoder
-    self.language_model = decoder(t, dtype=dt, param_dtype=pdt, remat=cfg.remat, kernels_cfg=cfg.kernels, rngs=rngs)
-    if cfg.flash is not None:  # InternVL3.5-Flash: the 64-token projector and the ViR router (model/vir.py)
+    if part != "language":
+      self.vision_model = InternViT(v, dtype=dt, param_dtype=pdt, remat=cfg.remat, kernels_cfg=cfg.kernels,
+                                    rngs=rngs)
+      in_dim = v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 2
+      self.mlp1 = MLPProjector(in_dim, t.hidden_size, param_dtype=pdt, rngs=rngs)
+    if part != "vision":
+      decoder = GptOssDecoder if t.arch == "gpt_oss" else Qwen3Decoder
+      self.language_model = decoder(t, dtype=dt, param_dtype=pdt, remat=cfg.remat, kernels_cfg=cfg.kernels,
+                                    rngs=rngs)
+    if cfg.flash is not None and part != "language":  # Flash: the 64-token projector and the ViR router (vir.py)
       f = cfg.flash
       self.mlp2 = MLP2(v.hidden_size * int(round(1 / cfg.downsample_ratio)) ** 4, t.hidden_size, param_dtype=pdt,
                        rngs=rngs)
       self.pooling_before_gating = CrossAttentionPooling(v.hidden_size, f.pooling, param_dtype=pdt, rngs=rngs)
       self.gating = Gating(v.hidden_size, param_dtype=pdt, rngs=rngs)
 
+  def _needs(self, side: str):
+    if self.part not in ("all", side):
+      raise ValueError(f"this model holds only the {self.part} part (DvD); the {side} part runs elsewhere"
+                       + (": pass image_features= from a vision server" if side == "vision" else ""))
+
   def image_features(self, pixel_values, *, rngs: nnx.Rngs | None = None):
     """pixel_values [tiles, H, W, 3] -> [tiles, tokens_per_tile, llm hidden]."""
+    self._needs("vision")
     return extract_feature(self.vision_model(pixel_values, rngs=rngs), self.mlp1, self.cfg.downsample_ratio)
 
   def flash_features(self, pixel_values):
@@ -134,6 +153,7 @@ class InternVL(nnx.Module):
     p0 [tiles] float32 = the router's probability of compressing each tile)."""
     if self.cfg.flash is None:
       raise ValueError("this model has no ViR router (InternVLConfig.flash is None): it is not a Flash model")
+    self._needs("vision")
     hidden = self.vision_model(pixel_values)
     full = extract_feature(hidden, self.mlp1, self.cfg.downsample_ratio)
     compressed = extract_feature(hidden, self.mlp2, self.cfg.downsample_ratio ** 2)
@@ -148,6 +168,7 @@ class InternVL(nnx.Module):
     The count of image tokens must equal the features' (an error otherwise); checked=True is for a caller
     that validated it on the host and pads the tiles to a bucket (features past the last token are unused).
     """
+    self._needs("language")
     embeds = self.language_model.embed(input_ids)
     if image_features is None and pixel_values is not None and jnp.ndim(pixel_values) == 5:
       b = input_ids.shape[0]
@@ -190,13 +211,14 @@ class InternVL(nnx.Module):
     return Output(out.logits, out.hidden, out.moe_aux_loss)
 
 
-def init_model(cfg: InternVLConfig, *, seed: int = 0, mesh=None) -> InternVL:
+def init_model(cfg: InternVLConfig, *, seed: int = 0, mesh=None, part: str = "all") -> InternVL:
   """A randomly initialised model, created by one jitted program (fast, unlike op-by-op init); with a
-  Mesh every parameter is created directly in its shard."""
-  abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(seed)))
+  Mesh every parameter is created directly in its shard. part: see `InternVL` (a part's weights are those
+  of the whole model of the same seed only for part='all'; load parts from a checkpoint)."""
+  abstract = nnx.eval_shape(lambda: InternVL(cfg, rngs=nnx.Rngs(seed), part=part))
   graphdef, abs_state = nnx.split(abstract)
   shardings = sharding.state_shardings(abs_state, mesh) if mesh is not None else None
-  state = jax.jit(lambda: nnx.state(InternVL(cfg, rngs=nnx.Rngs(seed))), out_shardings=shardings)()
+  state = jax.jit(lambda: nnx.state(InternVL(cfg, rngs=nnx.Rngs(seed), part=part)), out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 
 
