@@ -156,6 +156,12 @@ def test_wire_round_trip_and_what_it_rejects():
   bad(edit(compressed=None), "'compressed' is missing")
   bad(frames, "routing was not asked for", route=False)
   bad([b"{not json", frames[1]], "header is not JSON")
+  bad([b"[" * 60000, frames[1]], "RecursionError")
+  bad(edit(dtype=[]), "'dtype' is \\[\\]")
+  bad(edit(shape=[2**32, 2**32]), "36893488147419103232 bytes")  # no int64 wrap-around to 0
+  bad(frames, "dtype bfloat16, asked for float32", dtype="float32")
+  bad(edit(timing={"compute_s": float("nan")}), "'timing' must hold")
+  bad(edit(timing={"batch_tiles": "many"}), "'timing' must hold")
   bad(frames[:1], "2 frames")
   nan = feats.copy()
   nan[3, 7] = np.nan
@@ -223,6 +229,11 @@ def test_vision_server_batches_across_requests(checkpoints):
     rng = np.random.default_rng(0)
     sent = {f"r{i}": rng.standard_normal((n, size, size, 3)).astype(np.float32)
             for i, (n, size) in enumerate([(2, 56), (3, 56), (1, 112), (3, 56)])}
+    # first, what would have ended the socket's thread: an unhashable dtype; it answers an error and goes on
+    sock.send_multipart([b'{"v": 1, "kind": "tiles", "id": "bad", "dtype": [], "shape": [1]}', b"\0" * 4])
+    assert sock.poll(10_000)
+    with pytest.raises(wire.RemoteError, match="rejected: header field 'dtype'"):
+      wire.parse_features(sock.recv_multipart(), rid="bad", tiles=1, dim=64, tokens=(4, 0), route=False)
     for rid, pixels in sent.items():
       sock.send_multipart(wire.tiles_message(rid, pixels, route=False, feature_dtype="float32"))
     replies = {}
@@ -419,15 +430,41 @@ def test_malformed_feature_messages_are_rejected_and_logged(checkpoints, caplog)
     fake.close()
 
 
+def holding_app(ckpt, **pool):
+  """A FakeVision that holds every request, and a language app whose vision side holds one WIDE request."""
+  fake = FakeVision(lambda t: None)
+  processor = ij.Processor.from_pretrained(str(ckpt))
+  tiles = len(processor([{"role": "user", "content": "x"}], images=[WIDE])["pixel_values"])
+  return fake, language_app(ckpt, [fake.address], max_inflight=tiles, **pool)
+
+
+def test_timed_out_requests_keep_their_room_until_answered(checkpoints):
+  """A request the server does not answer in time gets a 503, but its tiles stay counted against the server
+  (it may still compute them), so the next request is refused, not piled on; once the late answer arrives,
+  the room is free again."""
+  fake, app = holding_app(checkpoints["dense"], max_waiting=0, timeout=1.0)
+  try:
+    with serving(app) as url:
+      wait_up(url)
+      late = post(url, body("one", WIDE))
+      assert late.status_code == 503 and "did not answer" in late.json()["error"]["message"], late.text
+      refused = post(url, body("two", WIDE))
+      assert refused.status_code == 503 and "saturated" in refused.json()["error"]["message"], refused.text
+      assert len(fake.held) == 1
+      fake.release.set()  # the late answer: dropped, but it frees the room
+      deadline = time.monotonic() + 10
+      while wait_up(url)[0]["inflight_tiles"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+      assert post(url, body("three", WIDE)).status_code == 200
+  finally:
+    fake.close()
+
+
 def test_saturated_vision_side_refuses_instead_of_queueing(checkpoints):
   """One request's tiles fill the vision server (max_inflight), one more may wait on the language side
   (max_waiting=1), the next is refused at once; once the server answers, the two admitted ones complete."""
-  ckpt = checkpoints["dense"]
-  fake = FakeVision(lambda t: None)
+  fake, app = holding_app(checkpoints["dense"], max_waiting=1, timeout=60.0)
   try:
-    processor = ij.Processor.from_pretrained(str(ckpt))
-    tiles = len(processor([{"role": "user", "content": "x"}], images=[WIDE])["pixel_values"])
-    app = language_app(ckpt, [fake.address], max_inflight=tiles, max_waiting=1, timeout=60.0)
     with serving(app) as url:
       wait_up(url)
       with concurrent.futures.ThreadPoolExecutor(2) as pool:

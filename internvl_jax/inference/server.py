@@ -388,6 +388,8 @@ def make_app(model, processor, *, model_name: str = "internvl", max_batch: int =
       req = Request(f"chatcmpl-{uuid.uuid4().hex[:24]}", parsed.sample["input_ids"], parsed.sample["pixel_values"],
                     parsed.sampling, seed, parsed.max_tokens, parsed.stop, loop, asyncio.Queue())
       if vision is not None and req.pixels is not None:  # decoding goes on meanwhile: the batch is not waiting
+        if not batcher.alive:  # no vision work for a request that cannot be served
+          raise Unavailable(f"the decode loop is not running ({batcher.error or 'stopping'})")
         req.ids, req.features, req.visual = await prompt_features(vision, req.id, req.ids, req.pixels,
                                                                   route=batcher.flash)
         req.pixels = None

@@ -8,9 +8,11 @@ Batcher, its own thread) goes on with the running batch; the request joins it on
 * Back-pressure: a server takes at most `max_inflight` tiles at once; a request that finds every server full
   waits, and at most `max_waiting` requests wait: the next one gets `Saturated` (HTTP 503) at once.
 * Faults: a server is up from its connection's handshake to its disconnect (ZeroMQ's monitor events; ZMTP
-  heartbeats close a connection whose peer stops answering, e.g. a hung or stopped process). A server that
-  goes away fails the requests it holds at once; one that never answers fails them after `timeout`; no
-  server up fails a request at once (`Unavailable`, HTTP 503). ZeroMQ reconnects by itself, and the server
+  heartbeats, answered by libzmq's own threads, close a connection whose peer stops answering: a stopped
+  process, a lost host or network). A server that goes away fails the requests it holds at once; one that is
+  connected but never answers (a hang inside Python) fails them after `timeout`, and the tiles of requests
+  given up on stay counted against it until it answers or goes; no server up fails a request at once
+  (`Unavailable`, HTTP 503). ZeroMQ reconnects by itself, and the server
   takes requests again from its next handshake. A reply that breaks the schema or does not fit its request
   (wire.parse_features) fails that request (`BadFeatures`, HTTP 502) and is logged.
 """
@@ -61,7 +63,8 @@ class _Server:
   up: bool = False
   inflight: int = 0  # tiles
   answered: int = 0  # requests
-  waiting: dict = dataclasses.field(default_factory=dict)  # request id -> (future, tiles, route)
+  waiting: dict = dataclasses.field(default_factory=dict)  # request id -> (future, tiles, route, shape)
+  late: dict = dataclasses.field(default_factory=dict)  # request id -> tiles: given up on, maybe still computed
 
 
 class VisionPool:
@@ -89,11 +92,12 @@ class VisionPool:
     """Create the sockets and their reader and monitor tasks on the running loop (the app's startup)."""
     self.ctx = zmq.asyncio.Context()
     self._room = asyncio.Condition()
+    self.servers, self._tasks, self._queued = [], [], 0
     for address in self.addresses:
       sock = self.ctx.socket(zmq.DEALER)
       ms = int(self.heartbeat * 1e3)
       for opt, value in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.HEARTBEAT_IVL, ms), (zmq.HEARTBEAT_TIMEOUT, 3 * ms),
-                         (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
+                         (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000), (zmq.SNDHWM, self.max_inflight)):
         sock.setsockopt(opt, value)
       monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
       sock.connect(address)
@@ -106,11 +110,15 @@ class VisionPool:
       task.cancel()
     await asyncio.gather(*self._tasks, return_exceptions=True)
     for s in self.servers:
+      s.up = False
       self._fail_all(s, Unavailable("the language server is shutting down"))
       s.sock.disable_monitor()
       s.monitor.close(0)
       s.sock.close(0)
-    self.ctx.term()
+    self.servers, self._tasks = [], []
+    if getattr(self, "ctx", None) is not None:
+      self.ctx.term()
+      self.ctx = None
 
   def status(self) -> list[dict]:
     return [{"address": s.address, "up": s.up, "inflight_tiles": s.inflight, "waiting_requests": len(s.waiting),
@@ -126,13 +134,14 @@ class VisionPool:
     future = asyncio.get_running_loop().create_future()
     server.waiting[rid] = (future, tiles, route, pixels.shape)
     server.inflight += tiles
-    sent = time.perf_counter()
+    sent, start = False, time.perf_counter()
     try:
       frames = wire.tiles_message(rid, pixels, route=route, feature_dtype=self.feature_dtype)
       try:
         await server.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-      except zmq.ZMQError as e:  # zmq.Again: not connected (IMMEDIATE), nothing queued
+      except zmq.ZMQError as e:  # zmq.Again: not connected (IMMEDIATE) or its send queue is full; nothing queued
         raise Unavailable(f"vision server {server.address} is not connected ({e})") from None
+      sent = True
       try:
         out = await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
       except asyncio.TimeoutError:
@@ -140,10 +149,14 @@ class VisionPool:
                           f"{self.timeout:g} s") from None
     finally:
       server.waiting.pop(rid, None)
-      server.inflight -= tiles
-      async with self._room:
-        self._room.notify_all()
-    wait = time.perf_counter() - sent
+      if sent and (not future.done() or future.cancelled()) and server.up:  # wait_for cancels it on timeout
+        # given up on (timeout, the client went away) while the server may still compute it: its tiles count
+        # against the server's room until it answers or goes away, so timeouts cannot pile work on it
+        server.late[rid] = tiles
+      else:
+        server.inflight -= tiles
+      await self._wake()
+    wait = time.perf_counter() - start
     q, c = float(out.timing.get("queue_s", 0.0)), float(out.timing.get("compute_s", 0.0))
     share = tiles / max(tiles, int(out.timing.get("batch_tiles", tiles)))
     # wait_s: send to reply; remote_queue_s + remote_batch_s of it were on the vision server after it read the
@@ -205,6 +218,9 @@ class VisionPool:
       return
     entry = server.waiting.get(rid)
     if entry is None:
+      if rid in server.late:
+        server.inflight -= server.late.pop(rid)
+        asyncio.ensure_future(self._wake())
       log.info("vision server %s answered request %s, which no longer waits", server.address, rid)
       return
     future, tiles, route, shape = entry
@@ -213,7 +229,7 @@ class VisionPool:
     try:
       tokens = vir.tile_tokens(self.cfg, shape) if route else (feature_count(self.cfg, shape) // tiles, 0)
       future.set_result(wire.parse_features(frames, rid=rid, tiles=tiles, dim=self.cfg.text.hidden_size,
-                                            tokens=tokens, route=route))
+                                            tokens=tokens, route=route, dtype=self.feature_dtype))
       server.answered += 1
     except wire.RemoteError as e:
       future.set_exception(BadFeatures(f"vision server {server.address} failed request {rid}: {e}"))
@@ -221,6 +237,14 @@ class VisionPool:
       log.warning("vision server %s: rejected its reply to request %s: %s", server.address, rid, e)
       self.stats.update(malformed=1)
       future.set_exception(BadFeatures(f"vision server {server.address} sent a bad reply: {e}"))
+    except Exception as e:  # noqa: BLE001 - fail this request now rather than at its timeout
+      log.exception("vision server %s: reply to request %s", server.address, rid)
+      future.set_exception(BadFeatures(f"vision server {server.address}: reply to request {rid} failed: "
+                                       f"{type(e).__name__}: {e}"))
+
+  async def _wake(self):
+    async with self._room:
+      self._room.notify_all()
 
   async def _watch(self, server: _Server):
     while True:
@@ -234,6 +258,9 @@ class VisionPool:
         server.up = False
         log.warning("vision server %s went away; failing its %d requests", server.address, len(server.waiting))
         self._fail_all(server, Unavailable(f"vision server {server.address} went away mid-request"))
+        server.inflight -= sum(server.late.values())  # what it had been given up on is gone with it
+        server.late.clear()
+        await self._wake()
 
   def _fail_all(self, server: _Server, error: Exception):
     for future, *_ in list(server.waiting.values()):
@@ -248,6 +275,11 @@ async def prompt_features(pool: VisionPool, rid: str, ids: np.ndarray, pixels: n
   cfg = pool.cfg
   if feature_count(cfg, pixels.shape) is None:
     raise BadRequest(f"tiles of {pixels.shape[1]}x{pixels.shape[2]} px do not fit the ViT's patch grid")
+  if route:
+    try:
+      vir.tile_tokens(cfg, pixels.shape)
+    except ValueError as e:
+      raise BadRequest(str(e)) from None
   out = await pool.features(rid, pixels, route=route)
   if out.compressed is None:
     return ids, out.array, unrouted_stats(ids, cfg)

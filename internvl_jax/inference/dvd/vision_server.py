@@ -5,12 +5,16 @@ Stage one of the paper's three-stage pipeline, in two threads: the socket's thre
 sends replies) while the compute thread runs the ViT, so the next requests' tiles arrive during a batch.
 Tiles of requests that arrive within `max_wait` seconds of the first one are batched together, up to
 `max_batch` tiles (a request larger than that runs alone), and run as one program whose tile count rounds up
-to a power of two: at most log2(max_batch) + 1 programs per tile shape. Requests with another tile shape
-wait for the next batch. Each request is routed on its own tiles (`vir.route`: the quantile is over one
-request's tiles), so its answer does not depend on what it was batched with, and a batch without routed
-requests runs the plain projector only. At most `max_queue` received requests wait; beyond that the socket's
-thread stops reading, ZeroMQ's queues fill and TCP pushes back (the language side also bounds what it sends,
-see vision_client.py). A request that fails here gets an 'error' reply, and the server goes on.
+to a power of two: log2(max_batch) + 1 programs per tile shape, and per larger power of two a lone request
+needs (twice that for a Flash model: plain, and with the router). Requests with another tile shape wait for
+the next batch. Each request is routed on its own tiles (`vir.route`: the quantile is over one request's
+tiles), so its routing does not depend on what it was batched with, and a batch without routed requests runs
+the plain projector only. At most `max_queue` received requests wait in the inbox and as many more set aside
+for another tile shape; beyond that the socket's thread stops reading, ZeroMQ's queues fill and TCP pushes
+back (the language side also bounds what it sends, see vision_client.py). A message is at most
+`MAX_MESSAGE` bytes (ZeroMQ drops the connection of a peer that sends more). A request that fails here gets
+an 'error' reply, and the server goes on; should the compute thread die, the server stops (its clients see
+the disconnect) rather than keep a socket that never answers.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from internvl_jax.model import vir
 
 log = logging.getLogger(__name__)
 _REPLIES = "inproc://vision-replies"
+MAX_MESSAGE = 1 << 30  # bytes: 450 float32 tiles of 448 px
 
 
 def _bucket(n: int) -> int:
@@ -49,6 +54,7 @@ class VisionServer:
     self.ctx = zmq.Context()
     self.sock = self.ctx.socket(zmq.ROUTER)
     self.sock.setsockopt(zmq.RCVHWM, max_queue)
+    self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
     self.sock.setsockopt(zmq.LINGER, 0)
     if address.endswith(":0"):  # the OS picks the port
       address = address[:-2] + ":*"
@@ -56,6 +62,7 @@ class VisionServer:
     self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
     self.replies = self.ctx.socket(zmq.PULL)  # from the compute thread, which may not touch self.sock
     self.replies.bind(_REPLIES)
+    self.max_queue = max_queue
     self.inbox: queue.Queue = queue.Queue(max_queue)  # (identity, Tiles, arrival time)
     self.served = 0
 
@@ -69,7 +76,7 @@ class VisionServer:
     for p in (both, replies_only):
       p.register(self.replies, zmq.POLLIN)
     try:
-      while not stop.is_set():
+      while not stop.is_set() and compute.is_alive():
         events = dict((replies_only if self.inbox.full() else both).poll(100))
         while self.replies.poll(0):
           self.sock.send_multipart(self.replies.recv_multipart(copy=False), copy=False)
@@ -87,9 +94,9 @@ class VisionServer:
     now = time.perf_counter()
     try:
       self.inbox.put_nowait((identity, wire.parse_tiles([f.buffer for f in frames]), now))
-    except wire.BadMessage as e:
+    except Exception as e:  # noqa: BLE001 - whatever a peer sends, the socket's thread goes on
       rid = _id_of(frames[0].bytes) if frames else "?"
-      log.warning("vision server: rejected a message (request %s): %s", rid, e)
+      log.warning("vision server: rejected a message (request %s): %s: %s", rid, type(e).__name__, e)
       self.sock.send_multipart([identity, *wire.error_message(rid, f"rejected: {e}")])
 
   # ------------------------------------------------------------------------------------ compute thread
@@ -103,6 +110,9 @@ class VisionServer:
         batch, held = self._collect(held, stop)
         for identity, msg in self._answer(batch):
           out.send_multipart([identity, *msg], copy=False)
+    except Exception:  # noqa: BLE001 - the socket's thread sees this thread end and stops the server
+      log.exception("vision server: the compute thread failed")
+      raise
     finally:
       out.close(0)
 
@@ -134,7 +144,7 @@ class VisionServer:
       n = len(got[1].pixels)
       if got[1].pixels.shape[1:] != shape or tiles + n > self.max_batch:
         later.append(got)
-        if tiles + n > self.max_batch:
+        if tiles + n > self.max_batch or len(later) + len(held) >= self.max_queue:  # set aside: bounded too
           break
         continue
       batch.append(got)

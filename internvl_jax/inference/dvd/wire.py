@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import ml_dtypes
 import numpy as np
@@ -25,6 +26,7 @@ import numpy as np
 VERSION = 1
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 KINDS = ("tiles", "features", "error")
+MAX_HEADER = 1 << 16  # bytes; a header is a few hundred
 
 
 class BadMessage(ValueError):
@@ -47,27 +49,30 @@ def decode(frames) -> tuple[dict, np.ndarray | None]:
   """(header, array or None) of a message, with the schema's own checks (not yet against the request)."""
   if len(frames) != 2:
     raise BadMessage(f"a message has 2 frames (header, array), got {len(frames)}")
+  if len(frames[0]) > MAX_HEADER:
+    raise BadMessage(f"header of {len(frames[0])} bytes, over {MAX_HEADER}")
   try:
     header = json.loads(bytes(frames[0]))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise BadMessage(f"header is not JSON: {e}") from None
+  except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deep
+    raise BadMessage(f"header is not JSON: {type(e).__name__}: {e}") from None
   if not isinstance(header, dict):
     raise BadMessage(f"header is a JSON {type(header).__name__}, not an object")
   if header.get("v") != VERSION:
     raise BadMessage(f"header field 'v' is {header.get('v')!r}; this side speaks version {VERSION}")
-  if header.get("kind") not in KINDS or not isinstance(header.get("id"), str):
+  if not isinstance(header.get("kind"), str) or header["kind"] not in KINDS or not isinstance(header.get("id"), str):
     raise BadMessage(f"header fields 'kind' ({header.get('kind')!r}, one of {KINDS}) and 'id' (a string) are needed")
   payload = memoryview(frames[1]).cast("B")
   if "dtype" not in header and "shape" not in header:
     if len(payload):
       raise BadMessage(f"{len(payload)} payload bytes, but the header names no dtype and shape")
     return header, None
-  dtype, shape = DTYPES.get(header.get("dtype")), header.get("shape")
+  name, shape = header.get("dtype"), header.get("shape")
+  dtype = DTYPES.get(name) if isinstance(name, str) else None
   if dtype is None:
     raise BadMessage(f"header field 'dtype' is {header.get('dtype')!r}, not one of {', '.join(DTYPES)}")
   if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
     raise BadMessage(f"header field 'shape' is {shape!r}, not a list of sizes")
-  size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  size = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
   if size != len(payload):
     raise BadMessage(f"shape {shape} of {header['dtype']} is {size} bytes, the payload {len(payload)}")
   return header, np.frombuffer(payload, dtype).reshape(shape)
@@ -97,7 +102,8 @@ def parse_tiles(frames) -> Tiles:
                      f"{None if pixels is None else (pixels.dtype.name, list(pixels.shape))}")
   if header.get("tiles") != len(pixels) or not len(pixels):
     raise BadMessage(f"request {header['id']}: header says {header.get('tiles')!r} tiles, the array holds {len(pixels)}")
-  if header.get("feature_dtype") not in DTYPES or not isinstance(header.get("route"), bool):
+  if not isinstance(header.get("feature_dtype"), str) or header["feature_dtype"] not in DTYPES \
+      or not isinstance(header.get("route"), bool):
     raise BadMessage(f"request {header['id']}: 'feature_dtype' must be one of {', '.join(DTYPES)} and 'route' a bool")
   return Tiles(header["id"], pixels, header["route"], header["feature_dtype"])
 
@@ -123,10 +129,12 @@ def error_message(rid: str, message: str) -> list:
   return encode("error", rid, message=message)
 
 
-def parse_features(frames, *, rid: str, tiles: int, dim: int, tokens: tuple[int, int], route: bool) -> Features:
-  """A reply to request `rid` of `tiles` tiles, checked against it: rows of width `dim` (the LLM's hidden
-  size), T or C rows per tile (tokens = (T, C)) as `compressed` says, finite values. An 'error' reply
-  raises RemoteError; anything else that does not fit raises BadMessage."""
+def parse_features(frames, *, rid: str, tiles: int, dim: int, tokens: tuple[int, int], route: bool,
+                   dtype: str | None = None) -> Features:
+  """A reply to request `rid` of `tiles` tiles, checked against it: `dtype` (the feature_dtype asked for),
+  rows of width `dim` (the LLM's hidden size), T or C rows per tile (tokens = (T, C)) as `compressed` says,
+  finite values, timing as non-negative numbers. An 'error' reply raises RemoteError; anything else that does
+  not fit raises BadMessage."""
   header, array = decode(frames)
   where = f"features for request {rid}"
   if header["id"] != rid:
@@ -148,7 +156,13 @@ def parse_features(frames, *, rid: str, tiles: int, dim: int, tokens: tuple[int,
   if array.shape != (rows, dim):
     raise BadMessage(f"{where}: shape {list(array.shape)}, expected [{rows}, {dim}] ({tiles} tiles"
                      f"{'' if compressed is None else f', {int(compressed.sum())} compressed'})")
+  if dtype is not None and header["dtype"] != dtype:
+    raise BadMessage(f"{where}: dtype {header['dtype']}, asked for {dtype}")
   if not np.isfinite(array).all():
     raise BadMessage(f"{where}: {int((~np.isfinite(array)).sum())} values are not finite")
-  timing = header.get("timing") if isinstance(header.get("timing"), dict) else {}
-  return Features(rid, array, compressed, timing)
+  timing = header.get("timing", {})
+  if not (isinstance(timing, dict) and all(
+      isinstance(timing.get(k, 0), (int, float)) and not isinstance(timing.get(k, 0), bool)
+      and math.isfinite(timing.get(k, 0)) and timing.get(k, 0) >= 0 for k in ("queue_s", "compute_s", "batch_tiles"))):
+    raise BadMessage(f"{where}: 'timing' must hold non-negative finite queue_s, compute_s, batch_tiles; got {timing!r}")
+  return Features(rid, array, compressed, {k: timing[k] for k in ("queue_s", "compute_s", "batch_tiles") if k in timing})
