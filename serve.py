@@ -120,9 +120,11 @@ def serve_vision(path):
   model = ij.from_pretrained(path, dtype=jnp.dtype(f.dtype), part="vision")
   server = VisionServer(model, f.vision_bind, max_batch=f.vision_max_batch, max_wait=f.vision_max_wait_ms / 1e3)
   print(f"serve.py: vision server on {server.address}", flush=True)
-  stop = threading.Event()
-  signal.signal(signal.SIGTERM, lambda *_: stop.set())
+  stop, signalled = threading.Event(), threading.Event()
+  signal.signal(signal.SIGTERM, lambda *_: (signalled.set(), stop.set()))
   server.serve_forever(stop)
+  if not signalled.is_set():
+    sys.exit("serve.py: the vision server's compute thread failed (its error is logged above)")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ Batcher, its own thread) goes on with the running batch; the request joins it on
   process, a lost host or network). A server that goes away fails the requests it holds at once; one that is
   connected but never answers (a hang inside Python) fails them after `timeout`, and the tiles of requests
   given up on stay counted against it until it answers or goes; no server up fails a request at once
-  (`Unavailable`, HTTP 503). ZeroMQ reconnects by itself, and the server
-  takes requests again from its next handshake. A reply that breaks the schema or does not fit its request
-  (wire.parse_features) fails that request (`BadFeatures`, HTTP 502) and is logged.
+  (`Unavailable`, HTTP 503). ZeroMQ reconnects by itself, and the server takes requests again from its next
+  handshake. A reply that breaks the schema or does not fit its request (wire.parse_features) fails that
+  request (`BadFeatures`, HTTP 502) and is logged.
 """
 from __future__ import annotations
 
