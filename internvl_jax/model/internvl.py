@@ -106,7 +106,6 @@ class Output(NamedTuple):
 
 
 PARTS = ("all", "vision", "language")
-VISION_MODULES = ("vision_model", "mlp1", "mlp2", "pooling_before_gating", "gating")  # the vision part's tops
 
 
 class InternVL(nnx.Module):
