@@ -107,23 +107,29 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>",
            "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 
 
+def bpe_tokenizer(texts, special, trained: int):
+  """A byte-level BPE tokenizer (tokenizers) trained on texts (x20) up to 400 ids: special[:trained] are ids
+  of the training, the rest added after it as special tokens."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(list(texts) * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=list(special[:trained]),
+                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens(list(special[trained:]))
+  return tok
+
+
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory):
   """A folder with a tokenizer.json built here (byte-level BPE + InternVL's special tokens) and the config
   of the tiny-dense preset with that tokenizer's <IMG_CONTEXT> id (no weights)."""
   import json
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from internvl_jax import zoo
   from internvl_jax.checkpoint import pretrained as checkpoint
   from internvl_jax.inputs.conversation import INTERNVL_SYSTEM
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  corpus = ["What is in the image? A red panda is eating bamboo.", "Describe the video frame by frame.",
-            "The answer is 42. Frame1: Image-1: user assistant system", INTERNVL_SYSTEM] * 20
-  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL[:3],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok.add_special_tokens(SPECIAL[3:])
+  tok = bpe_tokenizer(["What is in the image? A red panda is eating bamboo.", "Describe the video frame by frame.",
+                       "The answer is 42. Frame1: Image-1: user assistant system", INTERNVL_SYSTEM], SPECIAL, 3)
   folder = tmp_path_factory.mktemp("ckpt")
   tok.save(str(folder / "tokenizer.json"))
   cfg = zoo.get("tiny-dense").replace(image_token_id=tok.token_to_id("<IMG_CONTEXT>"))

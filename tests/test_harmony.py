@@ -4,8 +4,8 @@ dataset.py's `preprocess_internvl3_5_gpt_oss` / `_with_think`, modeling_internvl
 import numpy as np
 import pytest
 from PIL import Image
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from conftest import bpe_tokenizer
 from internvl_jax.inference import chat as chat_lib
 from internvl_jax.inputs.conversation import get_template, harmony_reply_done, parse_harmony
 from internvl_jax.inputs.processor import Processor
@@ -26,14 +26,8 @@ def ctx(n):
 
 @pytest.fixture(scope="module")
 def processor():
-  tok = HFTokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  corpus = ["What is in the image? A red panda is eating bamboo.", "The answer is 42. Let me look. A cat.",
-            "system user assistant final analysis", SYSTEM] * 20
-  tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL[:1],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok.add_special_tokens(SPECIAL[1:])
+  tok = bpe_tokenizer(["What is in the image? A red panda is eating bamboo.", "The answer is 42. Let me look. A cat.",
+                       "system user assistant final analysis", SYSTEM], SPECIAL, 1)
   return Processor(Tokenizer(tok, template="internvl3_5_gpt_oss"), template="internvl3_5_gpt_oss", tokens_per_tile=4)
 
 

@@ -64,7 +64,6 @@ class VisionServer:
     self.replies.bind(_REPLIES)
     self.max_queue = max_queue
     self.inbox: queue.Queue = queue.Queue(max_queue)  # (identity, Tiles, arrival time)
-    self.served = 0
 
   def serve_forever(self, stop: threading.Event | None = None):
     """Serve until `stop` is set: this thread owns the socket, a second one computes."""
@@ -177,7 +176,6 @@ class VisionServer:
         msg = wire.error_message(t.id, f"{type(e).__name__}: {e}")
       replies.append((identity, msg))
       first += k
-    self.served += len(batch)
     return replies
 
   def _features(self, t: wire.Tiles, out, first: int, k: int, timing) -> list:
